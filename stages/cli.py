@@ -1,0 +1,55 @@
+"""`cxr`: one subcommand per pipeline stage (each reads params.yaml), plus the demo.
+
+    cxr download    cxr filter    cxr crop    cxr split    cxr resample    cxr train    cxr evaluate
+    cxr demo
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+from stages.params import PARAMS_FILE, ParamError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+PARAMS = typer.Option(PARAMS_FILE, "--params", "-p", help="the params file to read")
+
+
+def _run(stage: str, params: str) -> None:
+    module = importlib.import_module(f"stages.{stage}")
+    try:
+        module.main(params)
+    except ParamError as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def download(params: str = PARAMS) -> None:
+    """Stage 1: the NIH archives (resumable, verified), a local copy read in place, or a synthetic set."""
+    _run("download", params)
+
+
+@app.command("filter")
+def filter_(params: str = PARAMS) -> None:
+    """Stage 2: drop the Azure blacklist and unwanted view positions."""
+    _run("filter", params)
+
+
+@app.command()
+def crop(params: str = PARAMS) -> None:
+    """Stage 3: center crop and resize into one packed uint8 array, straight from the archives."""
+    _run("crop", params)
+
+
+@app.command()
+def split(params: str = PARAMS) -> None:
+    """Stage 4: train / val / test parts (random, patient or official)."""
+    _run("split", params)
+
+
+@app.command()
+def resample(params: str = PARAMS) -> None:
+    """Stage 5: per-label target counts for the training part."""
+    _run("resample", params)

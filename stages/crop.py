@@ -1,0 +1,128 @@
+"""Stage 3, crop: center crop and resize every kept image into one packed uint8 array.
+
+PNGs are read straight out of the archives (never extracted) by parallel processes, one archive
+or a chunk of loose files each, and written into the rows of a memory-mapped .npy.
+Outputs: data/crop/images.npy [N, size, size], data/crop/index.csv (the filter index plus `row`),
+metrics/crop.json.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from stages import packed_images
+from stages import params as P
+from stages import progress
+from stages.atomic import atomic_path, read_csv, write_csv, write_json
+from stages.images import iter_sources, open_png, to_gray
+
+PNG_CHUNK = 256
+
+
+@dataclass
+class CropConfig:
+    fraction: float
+    size: int
+    workers: int
+    skip_unreadable: bool
+
+
+def check(params: dict) -> CropConfig:
+    section = P.Section(params.get("crop"), "crop")
+    config = CropConfig(
+        fraction=section.number("fraction", 1.0, low=0, high=1, low_open=True),
+        size=section.number("size", 224, low=8, integer=True),
+        workers=section.number("workers", 0, low=0, integer=True),
+        skip_unreadable=section.boolean("skip_unreadable", False),
+    )
+    section.finish()
+    return config
+
+
+def crop_resize(image: Image.Image, fraction: float, size: int) -> np.ndarray:
+    """The centered square of side `fraction` * the shorter side, resized to size x size, one channel."""
+    if image.mode != "L":
+        image = Image.fromarray(to_gray(image))
+    width, height = image.size
+    side = fraction * min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    resized = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side),
+                           reducing_gap=3.0)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def _crop_group(sources: pd.DataFrame, rows: dict[str, int], array_path: str, fraction: float, size: int,
+                ticks) -> tuple[list[str], dict[str, str]]:
+    """Worker: decode, crop and write the wanted images of some sources; return found and failed names."""
+    array = packed_images.open_for_writing(Path(array_path))
+    found, failed, pending = [], {}, 0
+    for name, data in iter_sources(sources, set(rows)):
+        found.append(name)
+        try:
+            array[rows[name]] = crop_resize(open_png(data), fraction, size)
+        except Exception as error:  # PIL raises many kinds for a broken file
+            failed[name] = f"{type(error).__name__}: {error}"
+        pending += 1
+        if pending == 32:
+            ticks.put(pending)
+            pending = 0
+    ticks.put(pending)
+    array.flush()
+    return found, failed
+
+
+def _groups(sources: pd.DataFrame) -> list[pd.DataFrame]:
+    archives = [sources.iloc[[i]] for i in np.flatnonzero(sources["kind"] == "tar")]
+    files = sources[sources["kind"] == "png"]
+    return archives + [files.iloc[i:i + PNG_CHUNK] for i in range(0, len(files), PNG_CHUNK)]
+
+
+def main(params_path: str = P.PARAMS_FILE, raw: Path = Path("data/raw"), filtered: Path = Path("data/filter"),
+         out: Path = Path("data/crop"), metrics: Path = Path("metrics/crop.json")) -> None:
+    config = check(P.load(params_path))
+    index = read_csv(filtered / "index.csv")
+    sources = pd.read_csv(raw / "sources.csv", dtype=str, keep_default_na=False)
+    rows = {name: i for i, name in enumerate(index["image"])}
+    groups = _groups(sources)
+    workers = min(config.workers or os.cpu_count() or 1, max(len(groups), 1))
+    found: set[str] = set()
+    failed: dict[str, str] = {}
+    with atomic_path(out / packed_images.IMAGES_FILE) as tmp:
+        packed_images.create(tmp, len(index), config.size).flush()
+        with multiprocessing.Manager() as manager, ProcessPoolExecutor(workers) as pool, progress.items() as bar:
+            ticks = manager.Queue()
+            task = bar.add_task(f"crop {config.fraction:g} -> {config.size}px ({workers} processes)", total=len(index))
+            futures = [pool.submit(_crop_group, group, rows, str(tmp), config.fraction, config.size, ticks)
+                       for group in groups]
+            while not all(f.done() for f in futures) or not ticks.empty():
+                try:
+                    bar.advance(task, ticks.get(timeout=0.1))
+                except queue.Empty:
+                    pass
+            for future in futures:
+                names, errors = future.result()
+                found.update(names)
+                failed.update(errors)
+        missing = sorted(set(rows) - found)
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} kept images are in no source listed in {raw / 'sources.csv'}, "
+                                    f"e.g. {missing[:5]}")
+        if failed and not config.skip_unreadable:
+            name, why = next(iter(sorted(failed.items())))
+            raise ValueError(f"{len(failed)} unreadable images, e.g. {name}: {why}. "
+                             "Set crop.skip_unreadable: true to skip them (the count is recorded).")
+    kept = index.assign(row=np.arange(len(index)))[~index["image"].isin(failed)]
+    write_csv(out / "index.csv", kept.reset_index(drop=True))
+    write_json(metrics, {"images": len(kept), "skipped_unreadable": len(failed), "size": config.size,
+                         "fraction": config.fraction, "skipped_examples": sorted(failed)[:10]})
+    print(f"crop: {len(kept)} images at {config.size}px (center {config.fraction:.0%}); "
+          f"{len(failed)} unreadable skipped")

@@ -1,0 +1,76 @@
+"""Where the images are and how to read them: tar.gz archives read as streams, or loose PNG files.
+
+A source list (data/raw/sources.csv) has one row per archive (`kind` tar) or per PNG file
+(`kind` png, with its image name). Archives are never extracted: members are decoded in memory.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+ARCHIVE_GLOB = "images_*.tar.gz"
+
+
+def scan_local(directory: str | Path) -> pd.DataFrame:
+    """Sources in a folder the user already has: PNGs in any layout (Kaggle's too), else NIH archives."""
+    directory = Path(directory).expanduser().resolve()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"data.local_dir = {str(directory)!r} is not a folder")
+    pngs = sorted(directory.rglob("*.png"))
+    if pngs:
+        return pd.DataFrame({"kind": "png", "path": [str(p) for p in pngs], "image": [p.name for p in pngs]})
+    archives = sorted(directory.rglob(ARCHIVE_GLOB))
+    if archives:
+        return pd.DataFrame({"kind": "tar", "path": [str(p) for p in archives], "image": ""})
+    raise FileNotFoundError(f"data.local_dir = {str(directory)!r} holds no *.png files and no {ARCHIVE_GLOB} archives")
+
+
+def to_gray(image: Image.Image) -> np.ndarray:
+    """Any PNG mode as one uint8 channel: 16-bit scaled down, colour converted to luminance, alpha dropped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        pixels = np.asarray(image, dtype=np.int64)
+        top = 65535 if image.mode.startswith("I;16") or pixels.max() > 255 else 255
+        return (np.clip(pixels, 0, top) * (255 / top)).round().astype(np.uint8)
+    if image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        return np.clip(pixels, 0, 255).round().astype(np.uint8)
+    if image.mode in ("LA", "La"):
+        image = image.getchannel("L")
+    elif image.mode != "L":
+        image = image.convert("L")  # palette, RGB(A), CMYK: luminance, alpha ignored
+    return np.asarray(image, dtype=np.uint8)
+
+
+def open_png(data: bytes | str | Path) -> Image.Image:
+    image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    image.load()
+    return image
+
+
+def iter_archive(path: str | Path, wanted: set[str] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(image name, PNG bytes) for each member of a tar.gz whose base name is wanted (or all)."""
+    with tarfile.open(path, mode="r|gz") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            name = member.name.rsplit("/", 1)[-1]
+            if wanted is not None and name not in wanted:
+                continue
+            handle = archive.extractfile(member)
+            yield name, handle.read()
+
+
+def iter_sources(sources: pd.DataFrame, wanted: set[str] | None = None) -> Iterable[tuple[str, bytes | str]]:
+    """(image name, PNG bytes or file path) for one group of sources."""
+    for row in sources.itertuples(index=False):
+        if row.kind == "tar":
+            yield from iter_archive(row.path, wanted)
+        elif wanted is None or row.image in wanted:
+            yield row.image, row.path

@@ -1,0 +1,87 @@
+"""Networks: a torchvision backbone by name, its classifier replaced by the configured head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from stages import params as P
+
+BACKBONES = ("densenet121", "densenet169", "densenet201", "vgg16", "inception_v3", "resnet50",
+             "efficientnet_b0", "resnet18", "mobilenet_v3_small")
+PRETRAINED = ("imagenet", "none")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str
+    pretrained: str
+    hidden: list[int]
+    dropout: float
+    input_size: int | None  # None: the packed array's size (299 for inception_v3)
+
+
+def check(params: dict) -> ModelConfig:
+    section = P.Section(params.get("model"), "model")
+    head = section.section("head")
+    hidden = head.get("hidden", [])
+    if not isinstance(hidden, list) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+        raise P.ParamError("model.head.hidden", hidden, "a list of layer sizes such as [256, 50], or [] for one linear layer")
+    config = ModelConfig(
+        backbone=section.choice("backbone", BACKBONES),
+        pretrained=section.choice("pretrained", PRETRAINED, "imagenet"),
+        hidden=hidden,
+        dropout=head.number("dropout", 0.0, low=0, high=1),
+        input_size=section.optional_number("input_size", None, low=16, integer=True),
+    )
+    head.finish()
+    section.finish()
+    return config
+
+
+def input_size(config: ModelConfig, packed_size: int) -> int:
+    size = config.input_size or (299 if config.backbone == "inception_v3" else packed_size)
+    low = torchvision.models.get_model_weights(config.backbone).DEFAULT.meta.get("min_size", (1, 1))[0]
+    if size < low:
+        raise P.ParamError("model.input_size", size, f"at least {low} pixels for {config.backbone}")
+    return size
+
+
+def imagenet_weights(backbone: str):
+    """torchvision's ImageNet weights, only from the local cache: this never downloads."""
+    weights = torchvision.models.get_model_weights(backbone).DEFAULT
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.exists():
+        raise P.ParamError(
+            "model.pretrained", "imagenet",
+            f"weights on disk: place {Path(weights.url).name} (from {weights.url}) at {path}, "
+            f"or set model.pretrained: none to train {backbone} from scratch")
+    return weights
+
+
+def head(features: int, hidden: list[int], dropout: float, outputs: int) -> nn.Sequential:
+    """Dropout + Linear + ReLU for each hidden size, then the output layer (logits)."""
+    layers: list[nn.Module] = []
+    for size in hidden:
+        layers += [nn.Dropout(dropout), nn.Linear(features, size), nn.ReLU(inplace=True)]
+        features = size
+    if dropout and hidden:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(features, outputs))
+    return nn.Sequential(*layers)
+
+
+def create_model(config: ModelConfig, outputs: int) -> nn.Module:
+    weights = imagenet_weights(config.backbone) if config.pretrained == "imagenet" else None
+    extra = {"aux_logits": True, "init_weights": weights is None} if config.backbone == "inception_v3" else {}
+    model = torchvision.models.get_model(config.backbone, weights=weights, **extra)
+    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], head(last.in_features, config.hidden, config.dropout, outputs))
+    if config.backbone == "inception_v3":
+        model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, outputs)
+    return model

@@ -1,0 +1,65 @@
+"""Stage 5, resample: per-label target counts for the training part only.
+
+Labels above their target are undersampled (random images carrying them are dropped), then labels
+below it are oversampled with replacement, rarest first. Images carry several labels, so a label
+may end above its target through the images added for another; the metrics show before, target
+and after, laid out like the report's resampling tables. Empty targets: the training part as is.
+Outputs: data/resample/train.csv, metrics/resample.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages import labels as L
+from stages import params as P
+from stages.atomic import read_csv, write_csv, write_json
+
+
+def check(params: dict) -> tuple[dict[str, int], int]:
+    section = P.Section(params.get("resample"), "resample")
+    targets = section.get("targets", {}) or {}
+    if not isinstance(targets, dict):
+        raise P.ParamError("resample.targets", targets, "a mapping of label to image count, such as {Hernia: 2500}")
+    for name, count in targets.items():
+        L.check_label(name, f"resample.targets.{name}")
+        P.check_number(f"resample.targets.{name}", count, low=0, integer=True)
+    section.finish()
+    return {name: int(n) for name, n in targets.items()}, P.seed(params)
+
+
+def resample(train: pd.DataFrame, targets: dict[str, int], seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng([seed, 5])
+    carries = pd.DataFrame(L.encode(train["labels"], L.ALL_LABELS).astype(bool), columns=L.ALL_LABELS)
+    keep = np.ones(len(train), dtype=bool)
+    for name, target in targets.items():  # undersample first, so oversampled copies are never dropped
+        rows = np.flatnonzero(keep & carries[name].to_numpy())
+        if len(rows) > target:
+            keep[rng.choice(rows, size=len(rows) - target, replace=False)] = False
+    picked = list(np.flatnonzero(keep))
+    counts = carries[keep].sum()
+    for name in sorted(targets, key=lambda n: counts[n]):
+        deficit = targets[name] - int(counts[name])
+        rows = np.flatnonzero(keep & carries[name].to_numpy())
+        if deficit <= 0 or len(rows) == 0:
+            continue
+        extra = rng.choice(rows, size=deficit, replace=True)
+        picked.extend(extra)
+        counts += carries.iloc[extra].sum()
+    return train.iloc[np.sort(np.asarray(picked, dtype=int))].reset_index(drop=True)
+
+
+def main(params_path: str = P.PARAMS_FILE, split_dir: Path = Path("data/split"), out: Path = Path("data/resample"),
+         metrics: Path = Path("metrics/resample.json")) -> None:
+    targets, seed = check(P.load(params_path))
+    train = read_csv(split_dir / "train.csv")
+    after = resample(train, targets, seed)
+    before_counts, after_counts = L.counts(train["labels"]), L.counts(after["labels"])
+    table = {name: {"before": before_counts[name], "target": targets.get(name, "same"), "after": after_counts[name]}
+             for name in L.ALL_LABELS}
+    write_csv(out / "train.csv", after)
+    write_json(metrics, {"images_before": len(train), "images_after": len(after), "labels": table})
+    print(f"resample: {len(train)} -> {len(after)} training images" + (" (no targets)" if not targets else ""))

@@ -1,0 +1,147 @@
+"""Stage 4, split: train / validation / test parts.
+
+- `random`: image level, as the report did (patients leak across parts; the metrics say by how much).
+- `patient`: grouped by patient (the default), optionally stratified by each patient's rarest label.
+- `official`: NIH's train_val / test lists, with a patient-grouped validation part carved out of train_val.
+`split.fraction` first keeps a patient-grouped subset (the report's 10% runs).
+Outputs: data/split/{train,val,test}.csv, metrics/split.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages import labels as L
+from stages import metadata as md
+from stages import params as P
+from stages.atomic import read_csv, write_csv, write_json
+
+PARTS = ("train", "val", "test")
+METHODS = ("random", "patient", "official")
+
+
+@dataclass
+class SplitConfig:
+    method: str
+    sizes: list[float]  # fractions summing to 1, or image counts
+    val_fraction: float
+    fraction: float
+    stratify: bool
+    seed: int
+
+
+def check(params: dict) -> SplitConfig:
+    section = P.Section(params.get("split"), "split")
+    method = section.choice("method", METHODS, "patient")
+    sizes = section.get("sizes", [0.7, 0.1, 0.2])
+    valid = "three fractions that sum to 1, such as [0.7, 0.1, 0.2], or three image counts such as [76200, 9478, 25250]"
+    if not isinstance(sizes, list) or len(sizes) != 3 or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0 for s in sizes):
+        raise P.ParamError("split.sizes", sizes, valid)
+    counts = all(isinstance(s, int) for s in sizes) and sum(sizes) > 1
+    if not counts and abs(sum(sizes) - 1) > 1e-6:
+        raise P.ParamError("split.sizes", sizes, valid)
+    if counts and method != "random":
+        raise P.ParamError("split.sizes", sizes, f"fractions for split.method {method} (image counts only with random)")
+    config = SplitConfig(
+        method=method, sizes=sizes,
+        val_fraction=section.number("val_fraction", 0.1, low=0, high=1, low_open=True),
+        fraction=section.number("fraction", 1.0, low=0, high=1, low_open=True),
+        stratify=section.boolean("stratify", True),
+        seed=P.seed(params),
+    )
+    section.finish()
+    return config
+
+
+def patient_strata(index: pd.DataFrame) -> pd.Series:
+    """Each patient's rarest label over all their images (No Finding if none), for stratified draws."""
+    frequency = L.counts(index["labels"])
+    rank = {name: i for i, name in enumerate(sorted(frequency, key=frequency.get))}
+    rarest = index["labels"].map(lambda text: min(L.split_labels(text), key=rank.__getitem__, default=L.NO_FINDING))
+    return rarest.groupby(index["patient_id"]).agg(lambda names: min(names, key=rank.__getitem__))
+
+
+def assign_patients(patients: pd.Series, fractions: list[float], rng: np.random.Generator,
+                    strata: pd.Series | None) -> dict[int, int]:
+    """Patient -> part number, each stratum cut by the fractions in a seeded random order."""
+    if strata is None:
+        groups = [patients.to_numpy()]
+    else:
+        of_these = strata.loc[patients.to_numpy()]
+        groups = [g.index.to_numpy() for _, g in of_these.groupby(of_these)]
+    bounds = np.cumsum(fractions)[:-1]
+    part = {}
+    carry = rng.random()  # a random start keeps small strata from always landing in the first part
+    for group in groups:
+        order = rng.permutation(np.sort(group))
+        position = (np.arange(len(order)) + carry) / len(order)
+        carry = rng.random()
+        for pid, where in zip(order, np.searchsorted(bounds, position, side="right")):
+            part[int(pid)] = int(where)
+    return part
+
+
+def subset_patients(index: pd.DataFrame, fraction: float, rng: np.random.Generator) -> pd.DataFrame:
+    if fraction >= 1:
+        return index
+    patients = np.sort(index["patient_id"].unique())
+    keep = rng.choice(patients, size=max(1, round(fraction * len(patients))), replace=False)
+    return index[index["patient_id"].isin(keep)]
+
+
+def split(index: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
+    rng = np.random.default_rng([config.seed, 4])
+    index = subset_patients(index, config.fraction, rng)
+    strata = patient_strata(index) if config.stratify else None
+    if config.method == "random":
+        order = rng.permutation(len(index))
+        if all(isinstance(s, int) for s in config.sizes) and sum(config.sizes) > 1:
+            if sum(config.sizes) > len(index):
+                raise P.ParamError("split.sizes", config.sizes,
+                                   f"image counts that add up to at most the {len(index)} images there are")
+            cuts = np.cumsum(config.sizes)
+        else:
+            cuts = np.round(np.cumsum(config.sizes) * len(index)).astype(int)
+        part = np.zeros(len(index), dtype=int)
+        part[order[cuts[0]:cuts[1]]] = 1
+        part[order[cuts[1]:cuts[2]]] = 2
+        part[order[cuts[2]:]] = -1  # counts that leave images over: unused
+    elif config.method == "patient":
+        where = assign_patients(pd.Series(np.sort(index["patient_id"].unique())), config.sizes, rng, strata)
+        part = index["patient_id"].map(where).to_numpy()
+    else:
+        official = md.read_official_split()
+        test = index["image"].isin(official["test"]).to_numpy()
+        train_val = np.sort(index.loc[~test, "patient_id"].unique())
+        where = assign_patients(pd.Series(train_val), [1 - config.val_fraction, config.val_fraction], rng, strata)
+        part = np.where(test, 2, index["patient_id"].map(where).fillna(0).to_numpy()).astype(int)
+    return {name: index[part == i].reset_index(drop=True) for i, name in enumerate(PARTS)}
+
+
+def summarize(parts: dict[str, pd.DataFrame]) -> dict:
+    seen: dict[int, set[str]] = {}
+    for name, frame in parts.items():
+        for pid in frame["patient_id"].unique():
+            seen.setdefault(int(pid), set()).add(name)
+    return {
+        **{name: {"images": len(frame), "patients": int(frame["patient_id"].nunique())} for name, frame in parts.items()},
+        "patients_in_more_than_one_part": sum(len(s) > 1 for s in seen.values()),
+        "positives": {name: L.counts(frame["labels"]) for name, frame in parts.items()},
+    }
+
+
+def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), out: Path = Path("data/split"),
+         metrics: Path = Path("metrics/split.json")) -> None:
+    config = check(P.load(params_path))
+    parts = split(read_csv(cropped / "index.csv"), config)
+    for name, frame in parts.items():
+        write_csv(out / f"{name}.csv", frame)
+    summary = summarize(parts)
+    write_json(metrics, summary)
+    print(f"split ({config.method}): " + ", ".join(f"{n} {summary[n]['images']} images / {summary[n]['patients']} patients"
+                                               for n in PARTS)
+          + f"; {summary['patients_in_more_than_one_part']} patients in more than one part")
