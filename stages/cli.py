@@ -53,3 +53,23 @@ def split(params: str = PARAMS) -> None:
 def resample(params: str = PARAMS) -> None:
     """Stage 5: per-label target counts for the training part."""
     _run("resample", params)
+
+
+@app.command()
+def train(params: str = PARAMS) -> None:
+    """Stage 6: train (GPU when there is one; torchrun for several), per-label AUROC through dvclive."""
+    _run("train", params)
+
+
+@app.command()
+def evaluate(params: str = PARAMS) -> None:
+    """Stage 7: the best model on the test part: AUROC, AUPRC, bootstrap intervals, thresholds, plots."""
+    _run("evaluate", params)
+
+
+@app.command()
+def demo(name: str = typer.Option("demo", help="the experiment's name")) -> None:
+    """Run the whole pipeline on the synthetic data set as the DVC experiment `demo` (params.yaml untouched)."""
+    from stages import demo as demo_module
+
+    raise typer.Exit(demo_module.run(name))

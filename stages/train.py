@@ -175,8 +175,8 @@ def predict(net, batches: Batches, size: int, autocast: dict, channels_last: boo
             logits = net(prepare(x, size, None, None, channels_last))
         ps.append(torch.sigmoid(logits.float()).cpu())
         ys.append(y.cpu())
-    y, p = torch.cat(ys).numpy(), torch.cat(ps).numpy()
-    loss = float(F.binary_cross_entropy(torch.from_numpy(p).clamp(1e-7, 1 - 1e-7), torch.from_numpy(y)))
+    y, p = torch.cat(ys).numpy(), torch.cat(ps).double().numpy()
+    loss = float(F.binary_cross_entropy(torch.from_numpy(p).clamp(1e-7, 1 - 1e-7), torch.from_numpy(y).double()))
     return y, p, loss
 
 

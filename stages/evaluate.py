@@ -1,0 +1,154 @@
+"""Stage 7, evaluate: the best checkpoint on the test part.
+
+Writes metrics/evaluate.json (loss; per-label AUROC and AUPRC with micro/macro averages; 95%
+bootstrap intervals resampled by patient; sensitivity, specificity, precision and F1 at thresholds
+chosen on the validation part; for `binary`, the report's confusion matrix and scores),
+data/evaluate/predictions.csv, and plots/evaluate/ (dvclive: ROC and precision-recall curves per
+label, the confusion matrix, per-label AUROC bars, precision and recall against threshold).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from dvclive import Live
+
+from stages import metrics as M
+from stages import models, packed_images, tasks
+from stages import params as P
+from stages.atomic import read_csv, write_csv, write_json
+from stages.batches import Batches, batch_order
+from stages.train import pick_device, predict
+
+THRESHOLD_RULES = ("f1", "pr_crossing")
+
+
+def check(params: dict) -> tuple[tasks.Task, dict]:
+    task = tasks.check(params)
+    section = P.Section(params.get("evaluate"), "evaluate")
+    config = {
+        "bootstrap": section.number("bootstrap", 1000, low=0, integer=True),
+        "threshold": section.choice("threshold", THRESHOLD_RULES, "f1"),
+        "batch_size": section.number("batch_size", 64, low=1, integer=True),
+        "device": section.choice("device", ("auto", "cpu", "cuda"), "auto"),
+        "seed": P.seed(params),
+    }
+    section.finish()
+    return task, config
+
+
+def load_model(path: Path, task: tasks.Task, device: torch.device):
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if saved["task"] != asdict(task):
+        raise P.ParamError("task", asdict(task), f"the task the model in {path} was trained for: {saved['task']}")
+    config = models.ModelConfig(**{**saved["model"], "pretrained": "none"})
+    net = models.create_model(config, len(saved["names"]))
+    net.load_state_dict(saved["state_dict"])
+    return net.to(device).eval(), saved["input_size"]
+
+
+def top_label_confusion(y: np.ndarray, p: np.ndarray, names: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """The report's multi-label confusion matrix: each true label of an image against its top prediction."""
+    top = p.argmax(axis=1)
+    image, label = np.nonzero(y)
+    return [names[j] for j in label], [names[j] for j in top[image]]
+
+
+def evaluate(task: tasks.Task, config: dict, y_val, p_val, y, p, loss: float, patients: np.ndarray) -> dict:
+    names = task.names
+    roc, prc = M.auroc(y, p, names), M.auprc(y, p, names)
+    result = {
+        "images": len(y), "loss": loss,
+        "auroc": roc["per_label"], "auroc_micro": roc["micro"], "auroc_macro": roc["macro"],
+        "auprc": prc["per_label"], "auprc_macro": prc["macro"],
+        "positives": {n: int(v) for n, v in zip(names, y.sum(axis=0))},
+    }
+    if config["bootstrap"]:
+        ci = M.bootstrap_auroc(y, p, patients, config["bootstrap"], config["seed"])
+        result["auroc_ci"] = dict(zip(names, ci["per_label"]))
+        result["auroc_macro_ci"] = ci["macro"]
+    result["at_threshold"] = {
+        n: M.at_threshold(y[:, j], p[:, j], M.choose_threshold(y_val[:, j], p_val[:, j], config["threshold"]))
+        for j, n in enumerate(names)}
+    if task.kind == "binary":
+        scores = result["at_threshold"][task.target]
+        result["binary"] = {"threshold": scores["threshold"], "accuracy": scores["accuracy"],
+                            "precision": scores["precision"], "recall": scores["sensitivity"], "f1": scores["f1"],
+                            "auroc": roc["per_label"][task.target],
+                            "confusion": {k: scores[k] for k in ("tn", "fp", "fn", "tp")}}
+    return result
+
+
+def write_plots(live_dir: Path, task: tasks.Task, result: dict, y_val, p_val, y, p) -> None:
+    live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=None)
+    names = task.names
+    for j, name in enumerate(names):
+        if 0 < y[:, j].sum() < len(y):
+            live.log_sklearn_plot("roc", y[:, j], p[:, j], name=f"roc/{name}", drop_intermediate=True)
+            live.log_sklearn_plot("precision_recall", y[:, j], p[:, j], name=f"precision_recall/{name}",
+                                  drop_intermediate=True)
+    bars = [{"label": n, "auroc": round(v, 4)} for n, v in result["auroc"].items() if v is not None]
+    live.log_plot("auroc_by_label", bars, x="auroc", y="label", template="bar_horizontal",
+                  title="test AUROC by label")
+    if task.kind == "binary":
+        actual = np.where(y[:, 0] == 1, task.target, "other")
+        predicted = np.where(p[:, 0] >= result["binary"]["threshold"], task.target, "other")
+        live.log_sklearn_plot("confusion_matrix", actual.tolist(), predicted.tolist(), name="confusion_matrix")
+        precision, recall, thresholds = M.precision_recall_curve(y_val[:, 0], p_val[:, 0])
+        step = max(1, len(thresholds) // 200)
+        live.log_plot("threshold", [{"threshold": float(t), "precision": float(a), "recall": float(b)}
+                                    for t, a, b in zip(thresholds[::step], precision[::step], recall[::step])],
+                      x="threshold", y=["precision", "recall"], title="validation precision and recall by threshold")
+    else:
+        actual, predicted = top_label_confusion(y, p, names)
+        live.log_sklearn_plot("confusion_matrix", actual, predicted, name="confusion_matrix")
+    live.end()
+
+
+def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), split_dir: Path = Path("data/split"),
+         model_path: Path = Path("data/train/model.pt"), out: Path = Path("data/evaluate"),
+         metrics_path: Path = Path("metrics/evaluate.json"), live_dir: Path = Path("plots/evaluate")) -> None:
+    task, config = check(P.load(params_path))
+    device = pick_device(config["device"], 0)
+    net, size = load_model(model_path, task, device)
+    images = packed_images.load(cropped / packed_images.IMAGES_FILE)
+    autocast = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": device.type == "cuda"}
+    parts = {}
+    for part in ("val", "test"):
+        rows = tasks.select(read_csv(split_dir / f"{part}.csv"), task, part, config["seed"])
+        batches = Batches(images, rows["row"].to_numpy(), tasks.targets(rows, task),
+                          batch_order(len(rows), config["batch_size"], None), device)
+        parts[part] = (rows, *predict(net, batches, size, autocast, device.type == "cuda"))
+    (_, y_val, p_val, _), (test, y, p, loss) = parts["val"], parts["test"]
+    result = evaluate(task, config, y_val, p_val, y, p, loss, test["patient_id"].to_numpy())
+    predictions = test[["image", "patient_id", "labels"]].copy()
+    for j, name in enumerate(task.names):
+        predictions[f"p_{name}"] = p[:, j].round(6)
+    write_csv(out / "predictions.csv", predictions)
+    write_json(metrics_path, result)
+    write_plots(live_dir, task, result, y_val, p_val, y, p)
+    print_table(task, result)
+
+
+def print_table(task: tasks.Task, result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"test AUROC ({task.kind}, {result['images']} images)")
+    for column in ("label", "positives", "AUROC", "95% CI", "AUPRC"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for name in task.names:
+        ci = result.get("auroc_ci", {}).get(name)
+        table.add_row(name, str(result["positives"][name]), fmt(result["auroc"][name]),
+                      "-" if not ci else f"{ci[0]:.3f}-{ci[1]:.3f}", fmt(result["auprc"][name]))
+    ci = result.get("auroc_macro_ci")
+    table.add_row("macro average", "", fmt(result["auroc_macro"]), "-" if not ci else f"{ci[0]:.3f}-{ci[1]:.3f}",
+                  fmt(result["auprc_macro"]), style="bold")
+    table.add_row("micro average", "", fmt(result["auroc_micro"]), "", "")
+    Console().print(table)
+
+
