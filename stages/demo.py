@@ -21,7 +21,6 @@ DEMO = {
     "data.synthetic.image_size": 128,
     "data.synthetic.min_positives_per_label": 150,
     "crop.size": 64,
-    "resample.targets": {},
     "model.backbone": "resnet18",
     "model.pretrained": "none",
     "model.head.hidden": [],

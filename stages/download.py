@@ -19,6 +19,7 @@ import io
 import os
 import socket
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -102,12 +103,12 @@ def _md5(path: Path) -> str:
 
 
 def fetch(url: str, target: Path, size: int, md5: str | None, *, retries: int = 5, backoff: float = 2.0,
-          timeout: float = 60, report=lambda done: None) -> Path:
+          timeout: float = 60, report=lambda done: None, stop: threading.Event | None = None) -> Path:
     """Download `url` to `target` through `target.part`; rename only once size (and MD5) check out.
 
     A .part left by an earlier run is resumed with an HTTP Range request. Connection errors and
     server errors (5xx) are retried with exponential backoff; 4xx and a wrong size or MD5 are not.
-    `report` is called with the bytes on disk so far.
+    `report` is called with the bytes on disk so far; setting `stop` ends the transfer (Ctrl-C).
     """
     part = target.with_name(target.name + ".part")
     stamp = target.with_name(f".{target.name}.verified")
@@ -125,7 +126,7 @@ def fetch(url: str, target: Path, size: int, md5: str | None, *, retries: int = 
             raise DownloadError(f"{part} held {have} bytes, more than the {size} the table gives for {url}: "
                                 "deleted it; run again")
         try:
-            _transfer(url, part, have, size, timeout, report)
+            _transfer(url, part, have, size, timeout, report, stop)
         except urllib.error.HTTPError as error:
             if error.code < 500:
                 raise DownloadError(f"{url}: HTTP {error.code} {error.reason} (check the URL in the archive table)") from None
@@ -151,7 +152,8 @@ def fetch(url: str, target: Path, size: int, md5: str | None, *, retries: int = 
     return target
 
 
-def _transfer(url: str, part: Path, have: int, size: int, timeout: float, report) -> None:
+def _transfer(url: str, part: Path, have: int, size: int, timeout: float, report,
+              stop: threading.Event | None) -> None:
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         if have and response.status != 206:
@@ -163,7 +165,9 @@ def _transfer(url: str, part: Path, have: int, size: int, timeout: float, report
             if not content_range.startswith(f"bytes {have}-"):
                 raise DownloadError(f"{url}: asked for bytes from {have}, the server sent {content_range!r}")
         with open(part, "ab") as handle:
-            while block := response.read(1 << 20):
+            while block := response.read1(1 << 16):  # what has arrived, so progress and Ctrl-C are prompt
+                if stop is not None and stop.is_set():
+                    raise KeyboardInterrupt(f"download of {url} interrupted; {part} is kept for resuming")
                 handle.write(block)
                 have += len(block)
                 report(have)
@@ -183,7 +187,7 @@ def download_nih(config: DataConfig, directory: Path) -> pd.DataFrame:
     for stray in directory.glob("*.tar.gz"):  # e.g. synthetic archives left by an earlier run
         if stray.name not in set(table["archive"]):
             stray.unlink()
-    errors = []
+    errors, stop = [], threading.Event()
     with progress.transfer() as bar, ThreadPoolExecutor(config.workers) as pool:
         total = bar.add_task("all archives", total=int(table["bytes"].sum()))
         done = {}
@@ -198,13 +202,19 @@ def download_nih(config: DataConfig, directory: Path) -> pd.DataFrame:
         futures = [pool.submit(fetch, row.url, directory / row.archive, int(row.bytes),
                                row.md5 if config.verify_md5 else None, retries=config.retries,
                                backoff=config.backoff_seconds, timeout=config.timeout_seconds,
-                               report=reporter(bar.add_task(row.archive, total=int(row.bytes))))
+                               report=reporter(bar.add_task(row.archive, total=int(row.bytes))), stop=stop)
                    for row in table.itertuples(index=False)]
-        for future in as_completed(futures):
-            try:
-                future.result()
-            except DownloadError as error:
-                errors.append(str(error))
+        try:
+            for future in as_completed(futures):
+                try:
+                    future.result()
+                except DownloadError as error:
+                    errors.append(str(error))
+        except KeyboardInterrupt:  # stop the other transfers too; their .part files stay for resuming
+            stop.set()
+            for future in futures:
+                future.cancel()
+            raise
     if errors:
         raise DownloadError("\n".join(errors))
     return table
@@ -215,7 +225,7 @@ def download_nih(config: DataConfig, directory: Path) -> pd.DataFrame:
 def _write_archive(path: Path, rows: pd.DataFrame, size: int, seed: int, blacklist: dict[str, str]) -> int:
     """One synthetic archive, byte-for-byte the same for the same rows and seed."""
     with atomic_path(path) as tmp, open(tmp, "wb") as raw, \
-            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=1) as zipped, \
+            gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=1) as zipped, \
             tarfile.open(fileobj=zipped, mode="w", format=tarfile.USTAR_FORMAT) as archive:
         for _, row in rows.iterrows():
             png = synthetic.encode_png(synthetic.render(row, size, seed, blacklist.get(row["image"])), 1)

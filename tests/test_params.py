@@ -1,0 +1,72 @@
+"""A bad value stops a stage before any work, with an error naming the key, the value and what is valid."""
+
+import pytest
+
+from stages import crop, download, filter, resample, split, train
+from stages.params import ParamError, load
+
+from .conftest import write_params
+
+
+def error_of(stage, project, changes) -> ParamError:
+    with pytest.raises(ParamError) as caught:
+        stage.check(load(write_params(project, changes)))
+    return caught.value
+
+
+def test_unknown_source_names_the_valid_ones(project):
+    error = error_of(download, project, {"data": {"source": "kaggle"}})
+    assert error.key == "data.source" and error.value == "kaggle"
+    assert "nih, local, synthetic" in str(error)
+
+
+def test_local_source_needs_a_folder(project):
+    assert error_of(download, project, {"data": {"source": "local"}}).key == "data.local_dir"
+
+
+@pytest.mark.parametrize("fraction", [0, -0.5, 1.2])
+def test_crop_fraction_must_be_in_zero_one(project, fraction):
+    error = error_of(crop, project, {"crop": {"fraction": fraction}})
+    assert error.key == "crop.fraction" and error.value == fraction
+    assert "> 0" in str(error) and "<= 1" in str(error)
+
+
+def test_negative_size_is_refused(project):
+    error = error_of(crop, project, {"crop": {"size": -224}})
+    assert error.key == "crop.size" and "integer >= 8" in str(error)
+
+
+def test_unknown_label_in_resample_targets(project):
+    error = error_of(resample, project, {"resample": {"targets": {"Hernai": 2500}}})
+    assert error.key == "resample.targets.Hernai" and "Hernia" in error.valid
+
+
+def test_a_misspelt_key_is_an_error_not_a_silent_default(project):
+    error = error_of(crop, project, {"crop": {"fracton": 0.5}})
+    assert error.key == "crop.fracton" and "fraction" in error.valid
+
+
+def test_split_sizes_must_be_fractions_or_counts(project):
+    assert error_of(split, project, {"split": {"sizes": [0.5, 0.2, 0.2]}}).key == "split.sizes"
+    assert error_of(split, project, {"split": {"method": "patient", "sizes": [700, 100, 200]}}).key == "split.sizes"
+
+
+def test_filter_views_must_be_known(project):
+    assert error_of(filter, project, {"filter": {"views": ["LL"]}}).key == "filter.views"
+
+
+def test_class_weight_for_a_label_the_task_does_not_predict(project):
+    error = error_of(train, project, {"train": {"class_weights": {"No Finding": 0.5}}})
+    assert error.key == "train.class_weights.No Finding" and "multilabel14" in error.valid
+
+
+def test_stage_stops_before_any_work(project):
+    write_params(project, {"crop": {"size": 0}})
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    result = CliRunner().invoke(app, ["crop"])
+    assert result.exit_code == 2
+    assert "crop.size = 0" in result.output
+    assert not (project / "data" / "crop").exists()
