@@ -33,7 +33,7 @@ from stages import metadata as md
 from stages import params as P
 from stages import progress, synthetic
 from stages.atomic import atomic_path, write_csv
-from stages.images import scan_local
+from stages.images import list_archive, scan_local
 
 RAW = Path("data/raw")
 SOURCES = ("nih", "local", "synthetic")
@@ -254,6 +254,19 @@ def make_synthetic(config: DataConfig, directory: Path, metadata: pd.DataFrame) 
     return drawn.drop(columns="archive")
 
 
+# ---------------------------------------------------------------- local: read in place
+
+def list_local_archives(paths: pd.Series) -> set[str]:
+    """What a user's archives hold (they may be partial or a mirror's): one pass through each, in parallel."""
+    names: set[str] = set()
+    with progress.items() as bar, ProcessPoolExecutor(min(os.cpu_count() or 1, len(paths))) as pool:
+        task = bar.add_task("listing local archives", total=len(paths))
+        for listed in pool.map(list_archive, paths):
+            names.update(listed)
+            bar.advance(task)
+    return names
+
+
 # ---------------------------------------------------------------- the stage
 
 def main(params_path: str = P.PARAMS_FILE, out: Path = RAW) -> None:
@@ -273,12 +286,8 @@ def main(params_path: str = P.PARAMS_FILE, out: Path = RAW) -> None:
         for stale in archives_dir.iterdir():
             stale.unlink()
         sources = scan_local(config.local_dir)
-        if (sources["kind"] == "png").all():
-            metadata = metadata[metadata["image"].isin(sources["image"])]
-        else:
-            where = md.archive_of_each_image(metadata, md.read_archive_table(config.archives_table))
-            present = {Path(p).name for p in sources["path"]}
-            metadata = metadata[where.loc[metadata["image"]].isin(present).to_numpy()]
+        present = set(sources["image"]) if (sources["kind"] == "png").all() else list_local_archives(sources["path"])
+        metadata = metadata[metadata["image"].isin(present)]
         if metadata.empty:
             raise FileNotFoundError(f"data.local_dir = {config.local_dir!r}: none of its images is in the NIH metadata")
     write_csv(out / "sources.csv", sources)

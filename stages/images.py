@@ -67,6 +67,12 @@ def iter_archive(path: str | Path, wanted: set[str] | None = None) -> Iterator[t
             yield name, handle.read()
 
 
+def list_archive(path: str | Path) -> list[str]:
+    """The image names in a tar.gz (reads it through once: gzip allows no index)."""
+    with tarfile.open(path, mode="r|gz") as archive:
+        return [member.name.rsplit("/", 1)[-1] for member in archive if member.isfile()]
+
+
 def iter_sources(sources: pd.DataFrame, wanted: set[str] | None = None) -> Iterable[tuple[str, bytes | str]]:
     """(image name, PNG bytes or file path) for one group of sources."""
     for row in sources.itertuples(index=False):

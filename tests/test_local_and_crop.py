@@ -1,0 +1,139 @@
+"""`local` sources read in place (archives or a Kaggle-style PNG folder), and the crop stage."""
+
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages import crop, download, filter, packed_images
+from stages.atomic import read_csv
+from stages.images import iter_archive, to_gray
+
+from .conftest import write_params
+
+
+@pytest.fixture
+def nih_copy(project, tmp_path_factory):
+    """A user's local copy: synthetic NIH archives in a folder outside the project."""
+    download.main(write_params(project, {"data": {"synthetic": {"images": 120}}}))
+    folder = tmp_path_factory.mktemp("nih_copy")
+    for archive in sorted((project / "data/raw/archives").glob("*.tar.gz"))[:3]:
+        shutil.copy(archive, folder / archive.name)
+    return folder
+
+
+def kaggle_layout(archives_folder, target):
+    """Kaggle's layout: images_001/images/*.png ... beside the CSV."""
+    for archive in sorted(archives_folder.glob("*.tar.gz")):
+        folder = target / archive.name.removesuffix(".tar.gz") / "images"
+        folder.mkdir(parents=True)
+        for name, data in iter_archive(archive):
+            (folder / name).write_bytes(data)
+    (target / "Data_Entry_2017.csv").write_text("ignored\n")
+    return target
+
+
+def run_to_crop(project, changes):
+    params = write_params(project, changes)
+    for stage in (download, filter, crop):
+        stage.main(params)
+    return read_csv(project / "data/crop/index.csv"), packed_images.load(project / "data/crop/images.npy")
+
+
+def test_local_archives_are_read_in_place(project, nih_copy):
+    index, images = run_to_crop(project, {"data": {"source": "local", "local_dir": str(nih_copy)}})
+    sources = read_csv(project / "data/raw/sources.csv")
+    assert set(sources["path"]) == {str(p) for p in nih_copy.glob("*.tar.gz")}
+    assert not list((project / "data/raw/archives").iterdir())  # nothing copied
+    expected = set()
+    for archive in nih_copy.glob("*.tar.gz"):
+        expected |= {name for name, _ in iter_archive(archive)}
+    assert set(read_csv(project / "data/raw/metadata.csv")["image"]) == expected
+    assert len(index) == len(images) and images.shape[1:] == (32, 32)
+
+
+def test_kaggle_folder_gives_the_same_array_as_the_archives(project, nih_copy, tmp_path_factory):
+    index_a, images_a = run_to_crop(project, {"data": {"source": "local", "local_dir": str(nih_copy)}})
+    images_a = np.array(images_a)
+    kaggle = kaggle_layout(nih_copy, tmp_path_factory.mktemp("kaggle"))
+    index_b, images_b = run_to_crop(project, {"data": {"source": "local", "local_dir": str(kaggle)}})
+    assert list(index_a["image"]) == list(index_b["image"])
+    assert np.array_equal(images_a, np.array(images_b))
+
+
+def test_an_empty_local_folder_is_a_clear_error(project, tmp_path_factory):
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(FileNotFoundError, match="no \\*.png files and no images_\\*.tar.gz"):
+        download.main(write_params(project, {"data": {"source": "local", "local_dir": str(empty)}}))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "I;16"])
+def test_any_png_mode_becomes_one_channel(mode):
+    gray = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))
+    if mode == "I;16":
+        image = Image.fromarray(gray.astype(np.uint16) * 257)
+    else:
+        image = Image.fromarray(gray).convert(mode)
+    decoded = Image.open(io.BytesIO(png_bytes(image)))
+    out = crop.crop_resize(decoded, 1.0, 64)
+    assert out.dtype == np.uint8 and out.shape == (64, 64)
+    assert np.abs(out.astype(int) - gray).max() <= 1
+
+
+def test_center_crop_keeps_the_middle():
+    pixels = np.zeros((100, 100), dtype=np.uint8)
+    pixels[25:75, 25:75] = 200  # the center half is bright, the border dark
+    out = crop.crop_resize(Image.fromarray(pixels), 0.5, 10)
+    assert out[1:-1, 1:-1].min() == 200 and out.mean() > 180  # the filter's edge reaches just past the box
+    assert crop.crop_resize(Image.fromarray(pixels), 1.0, 10).min() == 0
+
+
+def replace_member(archive, name, data):
+    members = [(m, b) for m, b in iter_archive(archive)]
+    with tarfile.open(archive, "w:gz") as tar:
+        for member, body in members:
+            body = data if member == name else body
+            info = tarfile.TarInfo(f"images/{member}")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+
+
+def test_a_corrupt_png_is_an_error_naming_the_file(project, nih_copy):
+    archive = sorted(nih_copy.glob("*.tar.gz"))[0]
+    victim = next(iter_archive(archive))[0]
+    replace_member(archive, victim, b"\x89PNG\r\n\x1a\nthis is not a png")
+    with pytest.raises(ValueError, match=f"1 unreadable images, e.g. {victim}.*crop.skip_unreadable"):
+        run_to_crop(project, {"data": {"source": "local", "local_dir": str(nih_copy)}})
+    assert not (project / "data/crop/images.npy").exists()  # nothing half-written left behind
+
+
+def test_skip_unreadable_skips_and_counts(project, nih_copy):
+    archive = sorted(nih_copy.glob("*.tar.gz"))[0]
+    victim = next(iter_archive(archive))[0]
+    replace_member(archive, victim, b"garbage")
+    index, images = run_to_crop(project, {"data": {"source": "local", "local_dir": str(nih_copy)},
+                                          "crop": {"skip_unreadable": True}})
+    assert victim not in set(index["image"])
+    assert json.loads((project / "metrics/crop.json").read_text())["skipped_unreadable"] == 1
+    for row in index.itertuples():  # every indexed row holds its image
+        assert images[row.row].any()
+
+
+def test_crop_rows_hold_the_images_of_the_index(project, nih_copy):
+    index, images = run_to_crop(project, {"data": {"source": "local", "local_dir": str(nih_copy)},
+                                          "crop": {"fraction": 1.0, "size": 64}})
+    originals = {}
+    for archive in nih_copy.glob("*.tar.gz"):
+        originals.update({name: to_gray(Image.open(io.BytesIO(data))) for name, data in iter_archive(archive)})
+    for row in index.sample(5, random_state=0).itertuples():
+        assert np.array_equal(images[row.row], originals[row.image])  # 64 px in, 64 px out, no crop
