@@ -14,6 +14,7 @@ from stages import params as P
 BACKBONES = ("densenet121", "densenet169", "densenet201", "vgg16", "inception_v3", "resnet50",
              "efficientnet_b0", "resnet18", "mobilenet_v3_small")
 PRETRAINED = ("imagenet", "none")
+INCEPTION_SIZE = 299
 
 
 @dataclass
@@ -44,10 +45,14 @@ def check(params: dict) -> ModelConfig:
 
 
 def input_size(config: ModelConfig, packed_size: int) -> int:
-    size = config.input_size or (299 if config.backbone == "inception_v3" else packed_size)
-    low = torchvision.models.get_model_weights(config.backbone).DEFAULT.meta.get("min_size", (1, 1))[0]
+    """The side of the images the network sees: resized on the device from the packed array's."""
+    size = config.input_size or (INCEPTION_SIZE if config.backbone == "inception_v3" else packed_size)
+    if config.backbone == "inception_v3":  # its auxiliary head, used in training, is sized for 299
+        low, why = INCEPTION_SIZE, " (its auxiliary head is sized for 299)"
+    else:
+        low, why = torchvision.models.get_model_weights(config.backbone).DEFAULT.meta.get("min_size", (1, 1))[0], ""
     if size < low:
-        raise P.ParamError("model.input_size", size, f"at least {low} pixels for {config.backbone}")
+        raise P.ParamError("model.input_size", size, f"at least {low} pixels for {config.backbone}{why}")
     return size
 
 

@@ -196,7 +196,8 @@ def save(obj, path: Path) -> None:
 # ---------------------------------------------------------------- the loop
 
 def fit(params: dict, images_path: Path, train_csv: Path, val_csv: Path, out: Path, live_dir: Path,
-        log=print) -> dict:
+        log=print, after_epoch=None) -> dict:
+    """Train as params say; `after_epoch(epoch)` runs once each epoch's checkpoint is written."""
     task, model_config, config = check(params)
     rank, world, local_rank = distributed()
     device = pick_device(config.device, local_rank)
@@ -331,6 +332,8 @@ def fit(params: dict, images_path: Path, train_csv: Path, val_csv: Path, out: Pa
             log(f"train: epoch {epoch + 1}: loss {train_loss:.4f}, val loss {val_loss:.4f}, "
                 f"val macro AUROC {scores['macro'] if scores['macro'] is None else round(scores['macro'], 4)}, "
                 f"{images_per_second:.0f} images/s")
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
         if stop:
             if lead:
                 log(f"train: early stop after epoch {epoch + 1}: no improvement for {state['bad_epochs']} epochs")

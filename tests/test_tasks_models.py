@@ -1,0 +1,90 @@
+"""Label encodings of each task, and every backbone with the configured head."""
+
+import pandas as pd
+import pytest
+import torch
+
+from stages import labels, models, tasks
+from stages.batches import Augment, prepare
+from stages.params import ParamError
+
+ROWS = pd.DataFrame({"labels": ["No Finding", "Cardiomegaly|Effusion", "Hernia", "Fibrosis|Mass"]})
+
+
+def task(kind, target="Fibrosis", negatives=1.0):
+    return tasks.Task(kind, target, negatives)
+
+
+def test_multilabel14_no_finding_is_all_zeros():
+    y = tasks.targets(ROWS, task("multilabel14"))
+    assert y.shape == (4, 14)
+    assert y[0].sum() == 0
+    assert y[1].tolist() == [0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]  # Cardiomegaly (1), Effusion (4)
+    assert y[3].tolist() == [0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0]  # Fibrosis (6), Mass (9)
+
+
+def test_multilabel15_puts_no_finding_at_index_10():
+    y = tasks.targets(ROWS, task("multilabel15"))
+    assert labels.ALL_LABELS[10] == "No Finding"
+    assert y[0].tolist() == [0] * 10 + [1] + [0] * 4
+    assert y[2].tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]  # Hernia (7)
+
+
+def test_findings_only_drops_no_finding_images_from_every_part():
+    for part in ("train", "val", "test"):
+        kept = tasks.select(ROWS, task("multilabel14_findings_only"), part, seed=0)
+        assert list(kept["labels"]) == ["Cardiomegaly|Effusion", "Hernia", "Fibrosis|Mass"]
+
+
+def test_binary_training_set_is_all_positives_plus_negatives_per_positive():
+    rows = pd.DataFrame({"labels": ["Fibrosis"] * 3 + ["No Finding"] * 20 + ["Mass|Fibrosis"]})
+    kept = tasks.select(rows, task("binary", negatives=2.0), "train", seed=0)
+    y = tasks.targets(kept, task("binary", negatives=2.0))
+    assert y.shape[1] == 1 and y.sum() == 4 and len(kept) == 4 + 8
+    assert len(tasks.select(rows, task("binary"), "test", seed=0)) == len(rows)  # test keeps everything
+
+
+@pytest.mark.parametrize("backbone", models.BACKBONES)
+def test_every_backbone_builds_and_trains_one_step(backbone):
+    config = models.ModelConfig(backbone, "none", [16, 8], 0.1, None)
+    net = models.create_model(config, 14)
+    size = models.input_size(config, 40)
+    x = torch.randint(0, 255, (2, 1, 40, 40), dtype=torch.uint8)
+    net.train()
+    out = net(prepare(x, size, Augment(), torch.Generator().manual_seed(0)))
+    logits = out[0] if isinstance(out, tuple) else out
+    assert logits.shape == (2, 14)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones(2, 14))
+    loss.backward()
+    head = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert head.out_features == 14 and head.weight.grad is not None
+
+
+def test_inception_needs_enough_pixels():
+    with pytest.raises(ParamError, match="at least 299 pixels for inception_v3"):
+        models.input_size(models.ModelConfig("inception_v3", "none", [], 0.0, 224), 224)
+    assert models.input_size(models.ModelConfig("inception_v3", "none", [], 0.0, None), 64) == 299
+
+
+def test_head_layers_follow_the_report():
+    head = models.head(1024, [256, 50], 0.1, 14)
+    kinds = [type(m).__name__ for m in head]
+    assert kinds == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert [m.out_features for m in head if isinstance(m, torch.nn.Linear)] == [256, 50, 14]
+    assert [type(m).__name__ for m in models.head(1024, [], 0.0, 14)] == ["Linear"]  # CheXNet's
+
+
+def test_imagenet_weights_missing_says_where_to_put_them(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(ParamError) as caught:
+        models.create_model(models.ModelConfig("densenet121", "imagenet", [], 0.0, None), 14)
+    message = str(caught.value)
+    assert "densenet121-a639ec97.pth" in message and str(tmp_path / "checkpoints") in message
+    assert "model.pretrained: none" in message
+
+
+def test_gray_input_reaches_the_model_as_three_normalized_channels():
+    x = torch.full((2, 1, 8, 8), 255, dtype=torch.uint8)
+    out = prepare(x, 8, None, None)
+    assert out.shape == (2, 3, 8, 8)
+    assert torch.allclose(out, torch.full_like(out, (1 - 0.449) / 0.226))

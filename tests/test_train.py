@@ -1,0 +1,163 @@
+"""The training loop: optimizers, loss weights, resuming, NaN guard, DDP; dvclive logging."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from stages import train
+from stages.params import load
+
+from .conftest import REPO, write_params
+
+
+@pytest.fixture
+def pipeline(tiny_pipeline, tmp_path, monkeypatch):
+    """A private copy of the tiny pipeline's outputs, as the working directory."""
+    shutil.copytree(tiny_pipeline, tmp_path / "p", symlinks=True)
+    monkeypatch.chdir(tmp_path / "p")
+    return tmp_path / "p"
+
+
+def fit(folder, changes, out="data/train", live="metrics/train", **kwargs):
+    params = load(write_params(folder, changes))
+    return train.fit(params, folder / "data/crop/images.npy", folder / "data/resample/train.csv",
+                     folder / "data/split/val.csv", folder / out, folder / live, **kwargs)
+
+
+def logged(folder, live="metrics/train"):
+    return json.loads((folder / live / "metrics.json").read_text())
+
+
+def test_training_logs_per_label_auroc_and_writes_the_best_model(pipeline):
+    state = fit(pipeline, {"train": {"epochs": 2}})
+    metrics = logged(pipeline)
+    for key in ("train_loss", "val_loss", "auroc_micro", "auroc_macro", "lr", "images_per_second"):
+        assert key in metrics
+    assert set(metrics["auroc"]) <= set(train.tasks.Task("multilabel14", "Fibrosis", 1).names)
+    assert len(metrics["auroc"]) >= 10
+    assert (pipeline / "metrics/train/plots/metrics/auroc/Effusion.tsv").exists()
+    saved = torch.load(pipeline / "data/train/model.pt", weights_only=False)
+    assert saved["epoch"] == state["best_epoch"] and saved["names"][0] == "Atelectasis"
+
+
+@pytest.mark.parametrize("optimizer, kind", [("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
+def test_each_optimizer_is_the_one_asked_for(pipeline, optimizer, kind, monkeypatch):
+    made = []
+    real = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda *a: made.append(real(*a)) or made[-1])
+    fit(pipeline, {"train": {"epochs": 1, "optimizer": optimizer, "sgd": {"lr": 0.01, "nesterov": True}}})
+    assert all(isinstance(o, kind) for o in made)
+    if optimizer == "sgd":
+        assert made[-1].param_groups[0]["nesterov"] and made[-1].param_groups[0]["lr"] == 0.01
+
+
+def test_adam_then_sgd_switches_from_the_best_weights(pipeline, monkeypatch):
+    made, lines = [], []
+    real = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda phase, *a: made.append(phase) or real(phase, *a))
+    state = fit(pipeline, {"train": {"epochs": 3, "optimizer": "adam_then_sgd", "switch": {"epoch": 2}}},
+                log=lines.append)
+    assert made[0] == "adam" and made[-1] == "sgd"
+    assert state["phase"] == "sgd"
+    switch = [line for line in lines if "switched from Adam to SGD after epoch 2" in line]
+    assert switch and "from the weights of epoch" in switch[0]
+    saved = torch.load(pipeline / "data/train/checkpoint.pt", weights_only=False)
+    assert "momentum_buffer" in next(iter(saved["optimizer"]["state"].values()))
+
+
+def test_adam_then_sgd_switches_early_on_a_plateau(pipeline, monkeypatch):
+    lines = []
+    scores = iter([0.6, 0.5, 0.5, 0.5, 0.5])
+    monkeypatch.setattr(train.M, "auroc", lambda *a: {"per_label": {}, "micro": 0.5, "macro": next(scores)})
+    fit(pipeline, {"train": {"epochs": 5, "optimizer": "adam_then_sgd", "switch": {"epoch": 4, "patience": 2}}},
+        log=lines.append)
+    assert any("switched from Adam to SGD after epoch 3, from the weights of epoch 1" in line for line in lines)
+
+
+def test_class_weights_scale_each_label_loss_as_by_hand():
+    logits = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.0, -0.5]])
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    weights = torch.tensor([1.0, 14.0, 0.5])
+    p = torch.sigmoid(logits)
+    by_hand = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)) * weights
+    assert torch.allclose(train.loss_fn(logits, y, weights, None), by_hand.mean())
+    assert not torch.allclose(train.loss_fn(logits, y, torch.ones(3), None), by_hand.mean())
+
+
+def test_pos_weight_auto_is_negatives_over_positives():
+    task = train.tasks.Task("binary", "Fibrosis", 1.0)
+    config = train.check(load_dict({"task": {"kind": "binary"}, "train": {"pos_weight": "auto"}}))[2]
+    y = np.array([[1], [0], [0], [0]], dtype=np.float32)
+    _, pos_weight = train.loss_weights(task, config, y, "cpu")
+    assert pos_weight.tolist() == [3.0]
+
+
+def load_dict(changes):
+    from .conftest import BASE, merge
+
+    return merge(BASE, changes)
+
+
+def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(pipeline):
+    settings = {"train": {"epochs": 3, "optimizer": "adam_then_sgd", "switch": {"epoch": 2}}}
+    fit(pipeline, settings, out="a", live="live_a")
+
+    def kill(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(pipeline, settings, out="b", live="live_b", after_epoch=kill)
+    lines = []
+    fit(pipeline, settings, out="b", live="live_b", log=lines.append)
+    assert any("resuming after epoch 2" in line for line in lines)
+    a, b = logged(pipeline, "live_a"), logged(pipeline, "live_b")
+    a.pop("images_per_second"), b.pop("images_per_second")
+    assert a == b
+    model_a = torch.load(pipeline / "a/model.pt", weights_only=False)["state_dict"]
+    model_b = torch.load(pipeline / "b/model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    steps = (pipeline / "live_b/plots/metrics/train_loss.tsv").read_text().split("\n")[1:]
+    assert [line.split("\t")[0] for line in steps if line] == ["0", "1", "2"]
+
+
+def test_changed_params_start_afresh_instead_of_resuming(pipeline):
+    fit(pipeline, {"train": {"epochs": 1}})
+    lines = []
+    fit(pipeline, {"train": {"epochs": 1, "adam": {"lr": 0.0005}}}, log=lines.append)
+    assert not any("resuming" in line for line in lines)
+
+
+def test_a_nan_loss_stops_with_the_epoch_and_step(pipeline, monkeypatch):
+    real, calls = train.loss_fn, []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "loss_fn", poisoned)
+    with pytest.raises(FloatingPointError, match="became nan at epoch 1, step 3"):
+        fit(pipeline, {"train": {"epochs": 2}})
+
+
+def test_two_process_ddp_writes_the_same_metric_keys(pipeline):
+    fit(pipeline, {"train": {"epochs": 1}})
+    single = logged(pipeline)
+    params = write_params(pipeline, {"train": {"epochs": 1}})
+    shutil.rmtree(pipeline / "metrics/train")
+    (pipeline / "data/train/checkpoint.pt").unlink()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "stages", "train", "--params", params],
+                          cwd=pipeline, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    double = logged(pipeline)
+    assert sorted(double) == sorted(single)
+    assert sorted(double["auroc"]) == sorted(single["auroc"])
