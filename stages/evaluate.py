@@ -97,14 +97,15 @@ def write_plots(live_dir: Path, task: tasks.Task, result: dict, y_val, p_val, y,
         actual = np.where(y[:, 0] == 1, task.target, "other")
         predicted = np.where(p[:, 0] >= result["binary"]["threshold"], task.target, "other")
         live.log_sklearn_plot("confusion_matrix", actual.tolist(), predicted.tolist(), name="confusion_matrix")
-        precision, recall, thresholds = M.precision_recall_curve(y_val[:, 0], p_val[:, 0])
-        step = max(1, len(thresholds) // 200)
-        live.log_plot("threshold", [{"threshold": float(t), "precision": float(a), "recall": float(b)}
-                                    for t, a, b in zip(thresholds[::step], precision[::step], recall[::step])],
-                      x="threshold", y=["precision", "recall"], title="validation precision and recall by threshold")
     else:
         actual, predicted = top_label_confusion(y, p, names)
         live.log_sklearn_plot("confusion_matrix", actual, predicted, name="confusion_matrix")
+    # The report picks the binary threshold from this curve; for several labels it pools them all.
+    precision, recall, thresholds = M.precision_recall_curve(y_val.ravel(), p_val.ravel())
+    step = max(1, len(thresholds) // 200)
+    live.log_plot("threshold", [{"threshold": float(t), "precision": float(a), "recall": float(b)}
+                                for t, a, b in zip(thresholds[::step], precision[::step], recall[::step])],
+                  x="threshold", y=["precision", "recall"])
     live.end()
 
 
