@@ -10,9 +10,10 @@ import importlib
 
 import typer
 
-from stages.params import PARAMS_FILE, ParamError
+from stages.params import PARAMS_FILE, ParamError, StageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0],
+                  pretty_exceptions_enable=False)
 PARAMS = typer.Option(PARAMS_FILE, "--params", "-p", help="the params file to read")
 
 
@@ -23,6 +24,10 @@ def _run(stage: str, params: str) -> None:
     except ParamError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(2) from None
+    except (StageError, FileNotFoundError, FloatingPointError) as error:
+        # Failures the user can act on (missing input, NaN loss, a failed download): one clear line.
+        typer.secho(f"error in stage {stage}: {error}", fg="red", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

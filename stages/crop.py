@@ -19,9 +19,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from stages import packed_images
+from stages import packed_images, progress
 from stages import params as P
-from stages import progress
 from stages.atomic import atomic_path, read_csv, write_csv, write_json
 from stages.images import iter_sources, open_png, to_gray
 
@@ -118,7 +117,7 @@ def main(params_path: str = P.PARAMS_FILE, raw: Path = Path("data/raw"), filtere
                                     f"e.g. {missing[:5]}")
         if failed and not config.skip_unreadable:
             name, why = next(iter(sorted(failed.items())))
-            raise ValueError(f"{len(failed)} unreadable images, e.g. {name}: {why}. "
+            raise P.StageError(f"{len(failed)} unreadable images, e.g. {name}: {why}. "
                              "Set crop.skip_unreadable: true to skip them (the count is recorded).")
     kept = index.assign(row=np.arange(len(index)))[~index["image"].isin(failed)]
     write_csv(out / "index.csv", kept.reset_index(drop=True))

@@ -17,7 +17,6 @@ import hashlib
 import http.client
 import io
 import os
-import socket
 import tarfile
 import threading
 import time
@@ -90,7 +89,7 @@ def check(params: dict) -> DataConfig:
 
 # ---------------------------------------------------------------- nih: resumable, verified downloads
 
-class DownloadError(RuntimeError):
+class DownloadError(P.StageError):
     pass
 
 

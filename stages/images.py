@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd

@@ -7,13 +7,18 @@ a key that no stage reads (a typo) is an error too, not a silent no-op.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
 PARAMS_FILE = "params.yaml"
 _MISSING = object()
+
+
+class StageError(RuntimeError):
+    """A failure the user can act on (a bad download, an unreadable image): shown as one clear line."""
 
 
 class ParamError(ValueError):
@@ -55,7 +60,7 @@ class Section:
             raise ParamError(self.key(name), None, "a value (the key is missing)")
         return default
 
-    def section(self, name: str) -> "Section":
+    def section(self, name: str) -> Section:
         return Section(self.get(name, {}), self.key(name))
 
     def choice(self, name: str, options: Iterable[str], default: Any = _MISSING) -> str:

@@ -39,7 +39,8 @@ def check(params: dict) -> SplitConfig:
     method = section.choice("method", METHODS, "patient")
     sizes = section.get("sizes", [0.7, 0.1, 0.2])
     valid = "three fractions that sum to 1, such as [0.7, 0.1, 0.2], or three image counts such as [76200, 9478, 25250]"
-    if not isinstance(sizes, list) or len(sizes) != 3 or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0 for s in sizes):
+    numbers = isinstance(sizes, list) and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sizes)
+    if not numbers or len(sizes) != 3 or any(s < 0 for s in sizes):
         raise P.ParamError("split.sizes", sizes, valid)
     counts = all(isinstance(s, int) for s in sizes) and sum(sizes) > 1
     if not counts and abs(sum(sizes) - 1) > 1e-6:

@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from dvclive import Live
 
 from stages import metrics as M
-from stages import models, packed_images, tasks
+from stages import models, packed_images, progress, tasks
 from stages import params as P
-from stages import progress
 from stages.atomic import atomic_path, read_csv
 from stages.batches import Augment, Batches, batch_order, prepare
 
@@ -251,7 +250,9 @@ def fit(params: dict, images_path: Path, train_csv: Path, val_csv: Path, out: Pa
         # Everything random in an epoch is seeded from (seed, epoch): a resumed run repeats it exactly.
         torch.manual_seed(config.seed * 100_003 + epoch)
         generator.manual_seed(config.seed * 100_019 + epoch)
-        order = batch_order(len(train_rows), config.batch_size, [config.seed, epoch], rank, world, drop_last=world > 1)
+        # Whole batches only (a last batch of one image breaks batch norm), unless there is less than one.
+        order = batch_order(len(train_rows), config.batch_size, [config.seed, epoch], rank, world,
+                            drop_last=len(train_rows) >= config.batch_size * world)
         if config.steps_per_epoch:
             order = order[:config.steps_per_epoch]
         batches = Batches(images, train_rows["row"].to_numpy(), y_train, order, device)

@@ -12,6 +12,7 @@ from PIL import Image
 from stages import crop, download, filter, packed_images
 from stages.atomic import read_csv
 from stages.images import iter_archive, to_gray
+from stages.params import StageError
 
 from .conftest import write_params
 
@@ -112,7 +113,7 @@ def test_a_corrupt_png_is_an_error_naming_the_file(project, nih_copy):
     archive = sorted(nih_copy.glob("*.tar.gz"))[0]
     victim = next(iter_archive(archive))[0]
     replace_member(archive, victim, b"\x89PNG\r\n\x1a\nthis is not a png")
-    with pytest.raises(ValueError, match=f"1 unreadable images, e.g. {victim}.*crop.skip_unreadable"):
+    with pytest.raises(StageError, match=f"1 unreadable images, e.g. {victim}.*crop.skip_unreadable"):
         run_to_crop(project, {"data": {"source": "local", "local_dir": str(nih_copy)}})
     assert not (project / "data/crop/images.npy").exists()  # nothing half-written left behind
 
