@@ -6,6 +6,8 @@ uses the rank formula on all labels at once (equal to scikit-learn's, tested).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
@@ -54,7 +56,9 @@ def bootstrap_auroc(y: np.ndarray, p: np.ndarray, patients: np.ndarray, rounds: 
     for r in range(rounds):
         rows = np.concatenate([members[i] for i in rng.integers(0, len(ids), len(ids))])
         per_label[r] = rank_auroc(y[rows], p[rows])
-    macro = np.nanmean(per_label, axis=1)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample where no label has both classes
+        macro = np.nanmean(per_label, axis=1)
     tail = (1 - level) / 2 * 100
 
     def interval(values):

@@ -84,7 +84,7 @@ def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = 
     findings = set(split_labels(row["labels"]))
 
     def strength():
-        return rng.uniform(0.35, 1.0)
+        return rng.uniform(0.15, 1.0)
 
     # Anatomy, fixed per patient.
     body_w, lung_x = anatomy.uniform(0.8, 0.95), anatomy.uniform(0.36, 0.44)
@@ -131,8 +131,9 @@ def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = 
     if "Effusion" in findings:
         s = strength()
         for side in (-1, 1) if rng.random() < 0.5 else (rng.choice((-1, 1)),):
-            level = lung_y + lung_b * (0.85 - 0.6 * s) - 0.15 * np.abs(u - side * lung_x)
-            img[lungs[0 if side < 0 else 1] & (v > level)] = 0.55
+            level = lung_y + lung_b * (0.9 - 0.45 * s) - 0.15 * np.abs(u - side * lung_x)
+            fluid = lungs[0 if side < 0 else 1] & (v > level)
+            img[fluid] = img[fluid] + 0.1 + 0.2 * s
     if "Nodule" in findings:
         s = strength()
         for _ in range(rng.integers(1, 4)):
@@ -147,7 +148,7 @@ def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = 
         s = strength()
         cy = lung_y + lung_b * rng.uniform(0.2, 0.5)
         band = np.abs((v - cy) - 0.3 * (u - lung_x)) < 0.03 + 0.02 * s
-        img += band * lungs[1] * (0.15 + 0.2 * s)
+        img += band * lungs[1] * (0.08 + 0.17 * s)
     if "Consolidation" in findings:
         s = strength()
         _, cx, cy = in_lung()
@@ -157,16 +158,16 @@ def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = 
         s = strength()
         for side in (-1, 1):
             haze = np.exp(-_ellipse(u, v, side * (lung_x - 0.15), lung_y + 0.1, 0.25, 0.3))
-            img += haze * lung_any * (0.08 + 0.15 * s)
+            img += haze * lung_any * (0.04 + 0.12 * s)
     if "Fibrosis" in findings:
         s = strength()
         net = (np.abs(np.sin(u * 45 + rng.uniform(0, 6))) < 0.25) | (np.abs(np.sin(v * 45 + rng.uniform(0, 6))) < 0.25)
         img += net * lung_any * (v < lung_y + 0.2) * (0.06 + 0.12 * s)
     if "Hernia" in findings:
         s = strength()
-        bubble = _ellipse(u, v, 0.02, 0.42, 0.09 + 0.05 * s, 0.08 + 0.04 * s)
-        img[bubble < 1] = 0.18
-        img += (np.abs(bubble - 1) < 0.25) * 0.25
+        bubble = _ellipse(u, v, 0.02, 0.42, 0.06 + 0.05 * s, 0.05 + 0.04 * s)
+        img[bubble < 1] -= 0.1 + 0.2 * s
+        img += (np.abs(bubble - 1) < 0.25) * (0.05 + 0.1 * s)
     if "Infiltration" in findings:
         s = strength()
         patches = _smooth_noise(rng, size, 10) > 0.35
@@ -189,8 +190,8 @@ def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = 
         lung = lungs[0 if side < 0 else 1]
         edge_x = side * (lung_x + lung_a * (0.55 - 0.6 * s))
         collapsed = lung & (side * (u - edge_x) > 0)
-        img[collapsed] = 0.05
-        img += (lung & (np.abs(u - edge_x) < 0.012)) * 0.35
+        img[collapsed] = img[collapsed] * (0.8 - 0.4 * s)
+        img += (lung & (np.abs(u - edge_x) < 0.012)) * (0.1 + 0.15 * s)
 
     # A text marker near the top-left edge, outside a 75% center crop.
     img[int(size * 0.05):int(size * 0.1), int(size * 0.05):int(size * 0.09)] = 0.95
