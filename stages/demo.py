@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -50,33 +49,17 @@ def run(name: str = "demo", extra: list[str] = ()) -> int:
     done = subprocess.run(command)
     if done.returncode:
         return done.returncode
-    shown = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True)
-    result = experiment_metrics(json.loads(shown.stdout), name, "metrics/evaluate.json")
-    from stages.evaluate import print_table
-    from stages.tasks import Task
-
-    task = result.get("task") or {}
-    print_table(Task(**task) if task else _task_of(result), result)
+    print_result(name)
     print(f"\nThe experiment `{name}` is saved: `dvc exp show`, `dvc metrics diff {name}`, `dvc exp apply {name}`.")
     return 0
 
 
-def _task_of(result: dict):
-    from stages.tasks import Task
+def print_result(name: str) -> None:
+    """The per-label test AUROC table of a named experiment, read through DVC."""
+    import dvc.api
 
-    names = tuple(result["auroc"])
-    kind = "multilabel15" if len(names) == 15 else "binary" if len(names) == 1 else "multilabel14"
-    return Task(kind=kind, target=names[0] if kind == "binary" else "Fibrosis", negatives_per_positive=1.0)
+    from stages import tasks
+    from stages.evaluate import print_table
 
-
-def experiment_metrics(shown: list, name: str, path: str) -> dict:
-    """One metrics file of a named experiment, out of `dvc exp show --json`."""
-    for baseline in shown:
-        for exp in baseline.get("experiments") or []:
-            if exp.get("name") == name:
-                for rev in exp.get("revs") or []:
-                    data = rev.get("data") or {}
-                    metrics = data.get("metrics", {}).get(path, {}).get("data")
-                    if metrics:
-                        return metrics
-    sys.exit(f"no metrics {path} found for the experiment {name}")
+    result = json.loads(dvc.api.read("metrics/evaluate.json", rev=name))
+    print_table(tasks.check(dvc.api.params_show(rev=name)), result)

@@ -133,7 +133,7 @@ def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = 
         for side in (-1, 1) if rng.random() < 0.5 else (rng.choice((-1, 1)),):
             level = lung_y + lung_b * (0.9 - 0.45 * s) - 0.15 * np.abs(u - side * lung_x)
             fluid = lungs[0 if side < 0 else 1] & (v > level)
-            img[fluid] = img[fluid] + 0.1 + 0.2 * s
+            img[fluid] = img[fluid] + 0.04 + 0.16 * s
     if "Nodule" in findings:
         s = strength()
         for _ in range(rng.integers(1, 4)):
@@ -148,7 +148,7 @@ def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = 
         s = strength()
         cy = lung_y + lung_b * rng.uniform(0.2, 0.5)
         band = np.abs((v - cy) - 0.3 * (u - lung_x)) < 0.03 + 0.02 * s
-        img += band * lungs[1] * (0.08 + 0.17 * s)
+        img += band * lungs[1] * (0.05 + 0.12 * s)
     if "Consolidation" in findings:
         s = strength()
         _, cx, cy = in_lung()
@@ -158,7 +158,7 @@ def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = 
         s = strength()
         for side in (-1, 1):
             haze = np.exp(-_ellipse(u, v, side * (lung_x - 0.15), lung_y + 0.1, 0.25, 0.3))
-            img += haze * lung_any * (0.04 + 0.12 * s)
+            img += haze * lung_any * (0.02 + 0.08 * s)
     if "Fibrosis" in findings:
         s = strength()
         net = (np.abs(np.sin(u * 45 + rng.uniform(0, 6))) < 0.25) | (np.abs(np.sin(v * 45 + rng.uniform(0, 6))) < 0.25)
@@ -190,8 +190,8 @@ def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = 
         lung = lungs[0 if side < 0 else 1]
         edge_x = side * (lung_x + lung_a * (0.55 - 0.6 * s))
         collapsed = lung & (side * (u - edge_x) > 0)
-        img[collapsed] = img[collapsed] * (0.8 - 0.4 * s)
-        img += (lung & (np.abs(u - edge_x) < 0.012)) * (0.1 + 0.15 * s)
+        img[collapsed] = img[collapsed] * (0.92 - 0.3 * s)
+        img += (lung & (np.abs(u - edge_x) < 0.012)) * (0.04 + 0.1 * s)
 
     # A text marker near the top-left edge, outside a 75% center crop.
     img[int(size * 0.05):int(size * 0.1), int(size * 0.05):int(size * 0.09)] = 0.95

@@ -62,6 +62,7 @@ class TrainConfig:
     precision: str
     compile: bool
     device: str
+    processes: int
     seed: int
 
 
@@ -106,6 +107,7 @@ def check(params: dict) -> tuple[tasks.Task, models.ModelConfig, TrainConfig]:
         precision=s.choice("precision", ("auto", "fp32", "bf16"), "auto"),
         compile=s.boolean("compile", False),
         device=s.choice("device", ("auto", "cpu", "cuda"), "auto"),
+        processes=s.number("processes", 1, low=1, integer=True),
         seed=P.seed(params),
     )
     if config.optimizer == "adam_then_sgd" and config.switch_epoch >= config.epochs:
@@ -199,6 +201,10 @@ def fit(params: dict, images_path: Path, train_csv: Path, val_csv: Path, out: Pa
     """Train as params say; `after_epoch(epoch)` runs once each epoch's checkpoint is written."""
     task, model_config, config = check(params)
     rank, world, local_rank = distributed()
+    if world != config.processes:
+        raise P.ParamError("train.processes", config.processes,
+                           f"the number of processes this run has ({world}): dvc.yaml starts the stage under "
+                           "torchrun with train.processes; by hand, use torchrun --nproc_per_node N -m stages train")
     device = pick_device(config.device, local_rank)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -127,6 +127,11 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(pipeline):
     assert [line.split("\t")[0] for line in steps if line] == ["0", "1", "2"]
 
 
+def test_processes_must_match_the_launch(pipeline):
+    with pytest.raises(train.P.ParamError, match="train.processes = 2 .* torchrun"):
+        fit(pipeline, {"train": {"processes": 2}})
+
+
 def test_changed_params_start_afresh_instead_of_resuming(pipeline):
     fit(pipeline, {"train": {"epochs": 1}})
     lines = []
@@ -150,7 +155,7 @@ def test_a_nan_loss_stops_with_the_epoch_and_step(pipeline, monkeypatch):
 def test_two_process_ddp_writes_the_same_metric_keys(pipeline):
     fit(pipeline, {"train": {"epochs": 1}})
     single = logged(pipeline)
-    params = write_params(pipeline, {"train": {"epochs": 1}})
+    params = write_params(pipeline, {"train": {"epochs": 1, "processes": 2}})
     shutil.rmtree(pipeline / "metrics/train")
     (pipeline / "data/train/checkpoint.pt").unlink()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
