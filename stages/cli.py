@@ -72,6 +72,61 @@ def evaluate(params: str = PARAMS) -> None:
     _run("evaluate", params)
 
 
+table_app = typer.Typer(no_args_is_help=True, help="The report's tables (tables.yaml) as DVC experiments.")
+app.add_typer(table_app, name="table")
+
+
+@table_app.command("list")
+def table_list() -> None:
+    """The tables of the catalog, with their columns."""
+    from stages import tables
+
+    for name, table in tables.load().items():
+        columns = ", ".join(c.name + (" (reference)" if c.reference else "") for c in table.columns)
+        typer.echo(f"{name:<22} {table.title}\n{'':<22} columns: {columns}")
+
+
+@table_app.command("run")
+def table_run(name: str, demo: bool = typer.Option(False, "--demo", help="the demo's small settings (synthetic data)"),
+              set_param: list[str] = typer.Option([], "--set-param", "-S", help="key=value for every column")) -> None:
+    """Run each column of a table as the DVC experiment NAME-COLUMN."""
+    from stages import tables
+
+    try:
+        code = tables.run(name, demo, set_param)
+    except (KeyError, ValueError) as error:
+        typer.secho(f"error: {error.args[0]}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
+
+
+@table_app.command("show")
+def table_show(name: str) -> None:
+    """The table as the report lays it out, the report's figures beside; also plots/tables/NAME.{md,html}."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from stages import tables
+
+    try:
+        text = tables.show(name)
+    except KeyError as error:
+        typer.secho(f"error: {error.args[0]}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    Console(width=200).print(Markdown(text))
+    typer.echo(f"written: plots/tables/{name}.md, plots/tables/{name}.html")
+
+
+@app.command()
+def report(rev: str = typer.Argument(None, help="an experiment name or git revision; default: the workspace"),
+           out: str = typer.Option("plots/report.html", help="where to write the page")) -> None:
+    """One self-contained HTML page of a run's results (opens offline)."""
+    from stages import report as report_module
+
+    path = report_module.write(rev, out)
+    typer.echo(f"written: {path}")
+
+
 @app.command()
 def demo(name: str = typer.Option("demo", help="the experiment's name")) -> None:
     """Run the whole pipeline on the synthetic data set as the DVC experiment `demo` (params.yaml untouched)."""

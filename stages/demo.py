@@ -20,6 +20,8 @@ DEMO = {
     "data.synthetic.image_size": 128,
     "data.synthetic.min_positives_per_label": 150,
     "crop.size": 64,
+    "split.fraction": 1.0,
+    "split.sizes": [0.7, 0.1, 0.2],
     "model.backbone": "resnet18",
     "model.pretrained": "none",
     "model.head.hidden": [],

@@ -45,7 +45,7 @@ def load_model(path: Path, task: tasks.Task, device: torch.device):
     if saved["task"] != asdict(task):
         raise P.ParamError("task", asdict(task), f"the task the model in {path} was trained for: {saved['task']}")
     config = models.ModelConfig(**{**saved["model"], "pretrained": "none"})
-    net = models.create_model(config, len(saved["names"]))
+    net = models.create_model(config, len(saved["names"]), saved["input_size"])
     net.load_state_dict(saved["state_dict"])
     return net.to(device).eval(), saved["input_size"]
 

@@ -47,12 +47,9 @@ def check(params: dict) -> ModelConfig:
 def input_size(config: ModelConfig, packed_size: int) -> int:
     """The side of the images the network sees: resized on the device from the packed array's."""
     size = config.input_size or (INCEPTION_SIZE if config.backbone == "inception_v3" else packed_size)
-    if config.backbone == "inception_v3":  # its auxiliary head, used in training, is sized for 299
-        low, why = INCEPTION_SIZE, " (its auxiliary head is sized for 299)"
-    else:
-        low, why = torchvision.models.get_model_weights(config.backbone).DEFAULT.meta.get("min_size", (1, 1))[0], ""
+    low = torchvision.models.get_model_weights(config.backbone).DEFAULT.meta.get("min_size", (1, 1))[0]
     if size < low:
-        raise P.ParamError("model.input_size", size, f"at least {low} pixels for {config.backbone}{why}")
+        raise P.ParamError("model.input_size", size, f"at least {low} pixels for {config.backbone}")
     return size
 
 
@@ -80,13 +77,17 @@ def head(features: int, hidden: list[int], dropout: float, outputs: int) -> nn.S
     return nn.Sequential(*layers)
 
 
-def create_model(config: ModelConfig, outputs: int) -> nn.Module:
+def create_model(config: ModelConfig, outputs: int, size: int = INCEPTION_SIZE) -> nn.Module:
+    """The backbone with its classifier replaced by the head; `size` is the input side (see inception_v3)."""
     weights = imagenet_weights(config.backbone) if config.pretrained == "imagenet" else None
-    extra = {"aux_logits": True, "init_weights": weights is None} if config.backbone == "inception_v3" else {}
+    extra = {}
+    if config.backbone == "inception_v3":
+        # Its auxiliary head (a second loss in training) is sized for 299 px; smaller inputs train without it.
+        extra = {"aux_logits": size >= INCEPTION_SIZE, "init_weights": weights is None}
     model = torchvision.models.get_model(config.backbone, weights=weights, **extra)
     name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     setattr(parent, name.rpartition(".")[2], head(last.in_features, config.hidden, config.dropout, outputs))
-    if config.backbone == "inception_v3":
+    if config.backbone == "inception_v3" and model.AuxLogits is not None:
         model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, outputs)
     return model

@@ -218,7 +218,7 @@ def fit(params: dict, images_path: Path, train_csv: Path, val_csv: Path, out: Pa
     y_train, y_val = tasks.targets(train_rows, task), tasks.targets(val_rows, task)
     size = models.input_size(model_config, images.shape[-1])
 
-    net = models.create_model(model_config, len(task.names)).to(device)
+    net = models.create_model(model_config, len(task.names), size).to(device)
     channels_last = device.type == "cuda"
     if channels_last:
         net = net.to(memory_format=torch.channels_last)

@@ -47,8 +47,8 @@ def test_binary_training_set_is_all_positives_plus_negatives_per_positive():
 @pytest.mark.parametrize("backbone", models.BACKBONES)
 def test_every_backbone_builds_and_trains_one_step(backbone):
     config = models.ModelConfig(backbone, "none", [16, 8], 0.1, None)
-    net = models.create_model(config, 14)
     size = models.input_size(config, 40)
+    net = models.create_model(config, 14, size)
     x = torch.randint(0, 255, (2, 1, 40, 40), dtype=torch.uint8)
     net.train()
     out = net(prepare(x, size, Augment(), torch.Generator().manual_seed(0)))
@@ -60,10 +60,14 @@ def test_every_backbone_builds_and_trains_one_step(backbone):
     assert head.out_features == 14 and head.weight.grad is not None
 
 
-def test_inception_needs_enough_pixels():
-    with pytest.raises(ParamError, match="at least 299 pixels for inception_v3"):
-        models.input_size(models.ModelConfig("inception_v3", "none", [], 0.0, 224), 224)
+def test_inception_defaults_to_299_and_trains_without_its_auxiliary_head_below():
     assert models.input_size(models.ModelConfig("inception_v3", "none", [], 0.0, None), 64) == 299
+    with pytest.raises(ParamError, match="at least 75 pixels for inception_v3"):
+        models.input_size(models.ModelConfig("inception_v3", "none", [], 0.0, 64), 64)
+    small = models.create_model(models.ModelConfig("inception_v3", "none", [], 0.0, 96), 14, 96).train()
+    out = small(torch.zeros(2, 3, 96, 96))
+    assert not isinstance(out, tuple) and out.shape == (2, 14)
+    assert models.create_model(models.ModelConfig("inception_v3", "none", [], 0.0, None), 14, 299).AuxLogits is not None
 
 
 def test_head_layers_follow_the_report():

@@ -1,0 +1,300 @@
+"""`cxr table`: the report's tables (tables.yaml) as named DVC experiments, shown beside its figures.
+
+    cxr table list
+    cxr table run NAME [--demo] [-S key=value ...]   # one `dvc exp run --temp -n NAME-COLUMN` per column
+    cxr table show NAME                              # markdown on the terminal, plots/tables/NAME.{md,html}
+
+Columns run one after another; a failed column is reported and the rest still run; a column whose
+experiment already exists with the same params is not run again. Stages that a column shares with
+an earlier one come from DVC's run cache, linked, not copied (.dvc/config: cache.type).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages import demo as demo_settings
+from stages import labels as L
+from stages.atomic import atomic_path
+
+CATALOG = Path("tables.yaml")
+ROW_KINDS = ("loss", "micro", "macro", "labels", "binary", "counts")
+BINARY_ROWS = ("threshold", "tn", "fp", "fn", "tp", "accuracy", "precision", "recall", "f1", "auroc")
+
+
+@dataclass
+class Column:
+    name: str
+    title: str
+    set: dict[str, Any] = field(default_factory=dict)
+    demo: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    reference: bool = False
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    task: str
+    rows: list[str]
+    set: dict[str, Any]
+    columns: list[Column]
+
+    def experiment(self, column: Column) -> str:
+        return f"{self.name}-{column.name}"
+
+    @property
+    def runnable(self) -> list[Column]:
+        return [c for c in self.columns if not c.reference]
+
+
+def load(path: Path = CATALOG) -> dict[str, Table]:
+    raw = yaml.safe_load(Path(path).read_text())
+    tables = {}
+    for name, entry in raw.items():
+        columns = [Column(**column) for column in entry["columns"]]
+        table = Table(name=name, title=entry["title"], task=entry["task"], rows=entry["rows"],
+                      set=entry.get("set") or {}, columns=columns)
+        unknown = set(table.rows) - set(ROW_KINDS)
+        if unknown:
+            raise ValueError(f"{path}: table {name}: unknown rows {sorted(unknown)}; valid: {', '.join(ROW_KINDS)}")
+        for column in columns:
+            auroc = column.report.get("auroc")
+            if auroc is not None and len(auroc) != len(L.FINDINGS):
+                raise ValueError(f"{path}: {name}/{column.name}: report.auroc has {len(auroc)} values, not 14")
+        tables[name] = table
+    return tables
+
+
+def settings(table: Table, column: Column, demo: bool = False, extra: dict | None = None) -> dict[str, Any]:
+    """The -S overrides of one column, later ones winning: the table's, the demo's (the table's shared
+    settings shrink to smoke scale), the column's own (what the table compares), the user's."""
+    merged = dict(table.set)
+    if demo:
+        merged.update(demo_settings.DEMO)
+    merged.update(column.set)
+    if demo:
+        merged.update(column.demo)
+    merged.update(extra or {})
+    return merged
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['train.epochs=2', ...] -> {'train.epochs': 2}, values read as YAML (as `dvc exp run -S` does)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"-S {item!r}: expected key=value, such as train.epochs=2")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def apply(params: dict, overrides: dict[str, Any]) -> dict:
+    """params with dotted keys set, as `dvc exp run -S` sets them (mappings are merged, not replaced)."""
+    out = json.loads(json.dumps(params))
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[last] = value
+    return out
+
+
+def _exp(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", "exp", *args], capture_output=True, text=True)
+
+
+def _same_params(name: str, wanted: dict[str, Any]) -> bool:
+    import dvc.api
+
+    try:
+        have = dvc.api.params_show(rev=name)
+    except Exception:  # the experiment is gone or unreadable: run it again
+        return False
+    return apply(have, wanted) == have
+
+
+def run(name: str, demo: bool = False, extra: list[str] = ()) -> int:
+    table = _get(name)
+    wanted_extra = parse_overrides(list(extra))
+    existing = set(_exp("list", "--name-only").stdout.split())
+    done, skipped, failed = [], [], []
+    for column in table.runnable:
+        exp = table.experiment(column)
+        wanted = settings(table, column, demo, wanted_extra)
+        if exp in existing and _same_params(exp, wanted):
+            skipped.append(exp)
+            print(f"{exp}: already run with these params, kept")
+            continue
+        if exp in existing:
+            _exp("remove", exp)
+        command = ["dvc", "exp", "run", "--temp", "-n", exp]
+        for item in demo_settings.overrides(wanted):
+            command += ["-S", item]
+        print(f"\n== {exp}: {column.title}\n$ {' '.join(command)}", flush=True)
+        if subprocess.run(command).returncode:
+            failed.append(exp)
+            print(f"{exp}: FAILED (the other columns still run)", flush=True)
+        else:
+            done.append(exp)
+    print(f"\ntable {name}: {len(done)} run, {len(skipped)} kept, {len(failed)} failed"
+          + (f": {', '.join(failed)}" if failed else ""))
+    print(f"see it with: cxr table show {name}")
+    return 1 if failed else 0
+
+
+def _get(name: str) -> Table:
+    tables = load()
+    if name not in tables:
+        raise KeyError(f"no table {name!r}; the tables are: {', '.join(tables)}")
+    return tables[name]
+
+
+# ---------------------------------------------------------------- show
+
+def _read(path: str, rev: str):
+    import dvc.api
+
+    try:
+        return json.loads(dvc.api.read(path, rev=rev))
+    except Exception:
+        return None
+
+
+def results(table: Table) -> dict[str, dict | None]:
+    """Each run column's evaluate and resample metrics and params, read through DVC (None: not run)."""
+    import dvc.api
+
+    out = {}
+    existing = set(_exp("list", "--name-only").stdout.split())
+    for column in table.runnable:
+        exp = table.experiment(column)
+        if exp not in existing:
+            out[column.name] = None
+            continue
+        out[column.name] = {"evaluate": _read("metrics/evaluate.json", exp) or {},
+                            "resample": _read("metrics/resample.json", exp) or {},
+                            "params": dvc.api.params_show(rev=exp)}
+    return out
+
+
+def row_names(table: Table) -> list[tuple[str, str]]:
+    """(row kind, label or figure) in the order the report lays them out."""
+    names = L.ALL_LABELS if table.task == "multilabel15" else L.FINDINGS
+    rows = []
+    for kind in table.rows:
+        if kind == "labels":
+            rows += [("labels", n) for n in names]
+        elif kind == "binary":
+            rows += [("binary", n) for n in BINARY_ROWS]
+        elif kind == "counts":
+            rows += [("counts", n) for n in L.ALL_LABELS]
+        else:
+            rows.append((kind, kind))
+    return rows
+
+
+def measured(kind: str, key: str, result: dict | None):
+    if not result:
+        return None
+    evaluate = result["evaluate"]
+    if kind == "loss":
+        return evaluate.get("loss")
+    if kind in ("micro", "macro"):
+        return evaluate.get(f"auroc_{kind}")
+    if kind == "labels":
+        return (evaluate.get("auroc") or {}).get(key)
+    if kind == "binary":
+        binary = evaluate.get("binary") or {}
+        return binary.get("confusion", {}).get(key, binary.get(key))
+    if kind == "counts":
+        return ((result["resample"].get("labels") or {}).get(key) or {}).get("after")
+    return None
+
+
+def reported(kind: str, key: str, column: Column):
+    report = column.report or {}
+    if kind == "labels":
+        values = report.get("auroc")
+        return values[L.FINDINGS.index(key)] if values and key in L.FINDINGS else None
+    if kind == "binary":
+        return (report.get("binary") or {}).get(key)
+    if kind == "counts":
+        return (report.get("counts") or {}).get(key)
+    return report.get(kind)
+
+
+def _fmt(value, kind: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int) or (kind == "counts" and float(value).is_integer()):
+        return f"{int(value):,}"
+    return f"{value:.4f}" if kind == "loss" else f"{value:.3f}"
+
+
+def markdown(table: Table, found: dict[str, dict | None]) -> str:
+    header = ["", *[c.title for c in table.columns]]
+    lines = [f"### {table.title}", "", "Each cell: this repo's figure (the report's in brackets).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for kind, key in row_names(table):
+        label = {"loss": "Loss", "micro": "Micro average AUROC", "macro": "Macro average AUROC"}.get(kind, key)
+        cells = []
+        for column in table.columns:
+            new = None if column.reference else measured(kind, key, found.get(column.name))
+            old = reported(kind, key, column)
+            cells.append(_fmt(new, kind) + (f" ({_fmt(old, kind)})" if old is not None else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    sources = sorted({r["params"].get("data", {}).get("source", "?") for r in found.values() if r})
+    missing = [c.name for c in table.runnable if not found.get(c.name)]
+    lines.append("")
+    if sources:
+        lines.append(f"Data: {', '.join(sources)}." + (" Figures from the synthetic data set test the pipeline; "
+                                                       "they say nothing about NIH." if "synthetic" in sources else ""))
+    if missing:
+        lines.append(f"Not run yet: {', '.join(missing)} (`cxr table run {table.name}`).")
+    return "\n".join(lines) + "\n"
+
+
+def figure(table: Table, found: dict[str, dict | None]):
+    """Grouped bars of the measured per-label AUROC, with the report's figures as markers."""
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+
+    names = [key for kind, key in row_names(table) if kind == "labels"] or ["micro", "macro"]
+    kind = "labels" if table.rows.count("labels") else "macro"
+    fig = go.Figure()
+    for i, column in enumerate(table.columns):
+        color = "black" if column.reference else qualitative.Plotly[i % 10]
+        if not column.reference:
+            values = [measured(kind if kind == "labels" else n, n, found.get(column.name)) for n in names]
+            fig.add_bar(x=names, y=values, name=column.title, marker_color=color, offsetgroup=str(i))
+        report = [reported(kind if kind == "labels" else n, n, column) for n in names]
+        if any(v is not None for v in report):
+            fig.add_scatter(x=names, y=report, mode="markers", name=f"report: {column.title}",
+                            marker={"symbol": "line-ew-open" if not column.reference else "star",
+                                    "size": 14, "color": color, "line": {"width": 3}})
+    fig.update_layout(title=table.title, barmode="group", yaxis_title="test AUROC", yaxis_range=[0, 1.02],
+                      legend={"orientation": "h", "y": -0.3}, template="plotly_white", height=600)
+    return fig
+
+
+def show(name: str, out_dir: Path = Path("plots/tables")) -> str:
+    table = _get(name)
+    found = results(table)
+    text = markdown(table, found)
+    with atomic_path(out_dir / f"{name}.md") as tmp:
+        tmp.write_text(text)
+    with atomic_path(out_dir / f"{name}.html") as tmp:
+        figure(table, found).write_html(tmp, include_plotlyjs=True)
+    return text

@@ -1,0 +1,113 @@
+"""The catalog of the report's tables, and `cxr table` / `cxr report` on real (smoke-scale) experiments."""
+
+import subprocess
+import sys
+
+import pytest
+
+from stages import crop, download, evaluate, filter, labels, resample, split, tables, train
+from stages.params import load
+
+from .conftest import REPO
+
+CHECKS = (download, filter, crop, split, resample, train, evaluate)
+
+
+def test_the_catalog_holds_the_reports_fifteen_tables():
+    catalog = tables.load(REPO / "tables.yaml")
+    assert len(catalog) == 15
+    assert {"preprocessing", "model_selection_14", "binary_fibrosis", "benchmark_15", "findings_only_vs_15"} <= set(catalog)
+    assert len(catalog["preprocessing"].columns) == 6 and len(catalog["model_selection_14"].columns) == 4
+
+
+@pytest.mark.parametrize("name", list(tables.load(REPO / "tables.yaml")))
+def test_every_override_is_a_real_key_with_a_valid_value(name):
+    table = tables.load(REPO / "tables.yaml")[name]
+    base = load(REPO / "params.yaml")
+    for column in table.runnable:
+        for demo in (False, True):
+            params = tables.apply(base, tables.settings(table, column, demo))
+            for stage in CHECKS:
+                stage.check(params)  # raises ParamError naming the key on a typo or a bad value
+            assert params["task"]["kind"] in (table.task, "multilabel15", "multilabel14_findings_only")
+
+
+def test_column_settings_beat_the_demo_which_beats_the_table():
+    table = tables.Table("t", "T", "multilabel14", ["macro"], {"model.backbone": "densenet169", "train.epochs": 30},
+                         [tables.Column("c", "C", {"train.epochs": 5}, {"train.batch_size": 4})])
+    merged = tables.settings(table, table.columns[0], demo=True, extra={"seed": 7})
+    assert merged["model.backbone"] == "resnet18"  # the demo shrinks what the table shares
+    assert merged["train.epochs"] == 5  # but not what the table compares
+    assert merged["train.batch_size"] == 4 and merged["seed"] == 7
+
+
+def test_markdown_puts_the_reports_figure_beside_each_new_one():
+    table = tables.load(REPO / "tables.yaml")["head_14"]
+    found = {"single": {"evaluate": {"loss": 0.2, "auroc_micro": 0.9, "auroc_macro": 0.85,
+                                     "auroc": {n: 0.8 for n in labels.FINDINGS}},
+                        "resample": {}, "params": {"data": {"source": "synthetic"}}},
+             "relu-256-50": None, "relu-256-50-dropout": None}
+    text = tables.markdown(table, found)
+    assert "| Atelectasis | 0.800 (0.640) | - (0.660) | - (0.630) |" in text
+    assert "| Loss | 0.2000 (0.1578) |" in text
+    assert "say nothing about NIH" in text and "Not run yet: relu-256-50, relu-256-50-dropout" in text
+
+
+SMOKE = ["data.synthetic.images=300", "data.synthetic.image_size=64", "data.synthetic.min_positives_per_label=10",
+         "crop.size=32", "train.epochs=2", "train.switch.epoch=1", "evaluate.bootstrap=20"]
+
+
+def cxr(folder, *args, check=True):
+    done = subprocess.run([sys.executable, "-m", "stages", *args], cwd=folder, capture_output=True, text=True,
+                          timeout=900)
+    if check:
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tables") / "repo"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(folder)], check=True)
+    for key, value in (("user.name", "test"), ("user.email", "test@example.invalid")):
+        subprocess.run(["git", "config", key, value], cwd=folder, check=True)
+    return folder
+
+
+def smoke_args():
+    return [a for item in SMOKE for a in ("-S", item)]
+
+
+@pytest.mark.parametrize("name, columns", [("optimizer_14", 3), ("optimizer_15", 2), ("binary_fibrosis", 2)])
+def test_a_table_of_each_task_kind_runs_and_shows(clone, name, columns):
+    out = cxr(clone, "table", "run", name, "--demo", *smoke_args()).stdout
+    assert f"table {name}: {columns} run, 0 kept, 0 failed" in out
+    listed = subprocess.run(["dvc", "exp", "list", "--name-only"], cwd=clone, capture_output=True, text=True).stdout
+    table = tables.load(clone / "tables.yaml")[name]
+    assert all(table.experiment(c) in listed for c in table.runnable)
+    shown = cxr(clone, "table", "show", name).stdout
+    assert "Not run yet" not in shown and "synthetic" in shown
+    page = (clone / "plots" / "tables" / f"{name}.md").read_text()
+    assert page.count("(") >= 3  # the report's figures in brackets
+    assert (clone / "plots" / "tables" / f"{name}.html").stat().st_size > 100_000  # plotly inlined: opens offline
+
+
+def test_rerunning_a_table_keeps_what_is_already_there(clone):
+    out = cxr(clone, "table", "run", "optimizer_15", "--demo", *smoke_args()).stdout
+    assert "table optimizer_15: 0 run, 2 kept, 0 failed" in out
+
+
+def test_a_failed_column_is_reported_and_the_others_still_run(clone):
+    done = cxr(clone, "table", "run", "weights_15", "--demo", *smoke_args(), check=False)
+    assert done.returncode == 1
+    assert "weights_15-imagenet: FAILED" in done.stdout
+    assert "table weights_15: 1 run, 0 kept, 1 failed: weights_15-imagenet" in done.stdout
+
+
+def test_report_page_for_an_experiment(clone):
+    cxr(clone, "report", "optimizer_14-adam", "--out", "plots/report.html")
+    page = (clone / "plots" / "report.html").read_text()
+    for expected in ("Test AUROC and AUPRC by label", "ROC curves", "Training curves", "Confusion matrix",
+                     "patients in more than one part", "CheXNet (paper)", "synthetic data set"):
+        assert expected in page, expected
+    assert page.count("Plotly.newPlot") == 4
