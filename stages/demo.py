@@ -34,10 +34,41 @@ DEMO = {
 }
 
 
-def overrides(settings: dict = DEMO) -> list[str]:
-    """`key=value` strings for `dvc exp run -S`, values in YAML flow style."""
-    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for key, value in settings.items()]
+def _flow(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def _lookup(params: dict, key: str):
+    node = params
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+_ABSENT = object()
+
+
+def overrides(settings: dict = DEMO, params: dict | None = None) -> list[str]:
+    """`key=value` strings for `dvc exp run -S` (Hydra's override grammar), values in YAML flow style.
+
+    Entries of a mapping param that params.yaml does not list yet (resample.targets.Hernia,
+    train.class_weights.No Finding) go in as one mapping, `resample.targets={Hernia:2500}`, which
+    DVC merges into the existing one; that form also takes label names with spaces.
+    """
+    if params is None:
+        params = yaml.safe_load(Path("params.yaml").read_text()) if Path("params.yaml").exists() else {}
+    out, grouped = [], {}
+    for key, value in settings.items():
+        parent, _, leaf = key.rpartition(".")
+        if parent and _lookup(params, key) is _ABSENT and isinstance(_lookup(params, parent), dict):
+            grouped.setdefault(parent, {})[leaf] = value
+        else:
+            out.append(f"{key}={_flow(value)}")
+    for parent, mapping in grouped.items():
+        out.append(f"{parent}={{" + ",".join(f"{k}:{_flow(v)}" for k, v in mapping.items()) + "}")
+    return out
 
 
 def run(name: str = "demo", extra: list[str] = ()) -> int:

@@ -111,3 +111,15 @@ def test_report_page_for_an_experiment(clone):
                      "patients in more than one part", "CheXNet (paper)", "synthetic data set"):
         assert expected in page, expected
     assert page.count("Plotly.newPlot") == 4
+
+
+def test_overrides_group_new_mapping_entries_so_label_names_with_spaces_pass():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from stages.demo import overrides
+
+    params = load(REPO / "params.yaml")
+    items = overrides({"resample.targets.Hernia": 2500, "resample.targets.No Finding": 30000, "crop.size": 224}, params)
+    assert items == ["crop.size=224", "resample.targets={Hernia:2500,No Finding:30000}"]
+    parsed = OverridesParser.create().parse_overrides(items)
+    assert parsed[1].value() == {"Hernia": 2500, "No Finding": 30000}
