@@ -54,7 +54,7 @@ def overrides(settings: dict = DEMO, params: dict | None = None) -> list[str]:
     """`key=value` strings for `dvc exp run -S` (Hydra's override grammar), values in YAML flow style.
 
     Entries of a mapping param that params.yaml does not list yet (resample.targets.Hernia,
-    train.class_weights.No Finding) go in as one mapping, `resample.targets={Hernia:2500}`, which
+    train.class_weights.No Finding) go in as one mapping, `++resample.targets={Hernia:2500}`, which
     DVC merges into the existing one; that form also takes label names with spaces.
     """
     if params is None:
@@ -67,7 +67,7 @@ def overrides(settings: dict = DEMO, params: dict | None = None) -> list[str]:
         else:
             out.append(f"{key}={_flow(value)}")
     for parent, mapping in grouped.items():
-        out.append(f"{parent}={{" + ",".join(f"{k}:{_flow(v)}" for k, v in mapping.items()) + "}")
+        out.append(f"++{parent}={{" + ",".join(f"{k}:{_flow(v)}" for k, v in mapping.items()) + "}")
     return out
 
 

@@ -113,13 +113,19 @@ def test_report_page_for_an_experiment(clone):
     assert page.count("Plotly.newPlot") == 4
 
 
-def test_overrides_group_new_mapping_entries_so_label_names_with_spaces_pass():
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+def test_overrides_set_params_yaml_as_dvc_applies_them(tmp_path):
+    """What `dvc exp run -S` makes of the overrides equals what the catalog check validated."""
+    import shutil
+
+    from dvc.utils.hydra import apply_overrides
 
     from stages.demo import overrides
 
     params = load(REPO / "params.yaml")
-    items = overrides({"resample.targets.Hernia": 2500, "resample.targets.No Finding": 30000, "crop.size": 224}, params)
-    assert items == ["crop.size=224", "resample.targets={Hernia:2500,No Finding:30000}"]
-    parsed = OverridesParser.create().parse_overrides(items)
-    assert parsed[1].value() == {"Hernia": 2500, "No Finding": 30000}
+    wanted = {"resample.targets.Hernia": 2500, "resample.targets.No Finding": 30000, "crop.size": 224,
+              "model.head.hidden": [256, 50], "train.early_stopping_patience": None}
+    items = overrides(wanted, params)
+    assert "++resample.targets={Hernia:2500,No Finding:30000}" in items
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    apply_overrides(str(tmp_path / "params.yaml"), items)
+    assert load(tmp_path / "params.yaml") == tables.apply(params, wanted)
