@@ -96,7 +96,7 @@ def confusion_figure(rev: str | None) -> go.Figure | None:
     data = read_json(f"{EVALUATE_PLOTS}/sklearn/confusion_matrix.json", rev)
     if not data:
         return None
-    pairs = data["confusion_matrix"]
+    pairs = data["confusion_matrix"] if isinstance(data, dict) else data  # dvclive writes a bare list
     names = sorted({p["actual"] for p in pairs} | {p["predicted"] for p in pairs})
     counts = [[0] * len(names) for _ in names]
     for p in pairs:
