@@ -128,29 +128,48 @@ def summary_html(result: dict, split: dict | None, params: dict | None) -> str:
     return f"{warning}<table>{cells}</table>"
 
 
+def run_params(rev: str | None) -> dict:
+    """The params the results were made with: an experiment's params.yaml, or the workspace's dvc.lock
+    (the workspace params.yaml may have changed since the last run)."""
+    import yaml
+
+    if rev is not None:
+        import dvc.api
+
+        return dvc.api.params_show(rev=rev)
+    lock = Path("dvc.lock")
+    merged: dict = {}
+    if lock.exists():
+        for stage in (yaml.safe_load(lock.read_text()).get("stages") or {}).values():
+            for values in (stage.get("params") or {}).values():
+                merged = tables.apply(merged, _flatten(values))
+    return merged
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def write(rev: str | None = None, out: str | Path = "plots/report.html") -> Path:
     result = read_json("metrics/evaluate.json", rev)
     if not result:
         where = f"experiment {rev}" if rev else "the workspace"
         raise FileNotFoundError(f"no metrics/evaluate.json in {where}: run the pipeline (dvc repro) first")
     split = read_json("metrics/split.json", rev)
-    params = None
-    try:
-        import dvc.api
-
-        params = dvc.api.params_show(rev=rev) if rev else None
-    except Exception:
-        params = None
-    if params is None and rev is None and Path("params.yaml").exists():
-        import yaml
-
-        params = yaml.safe_load(Path("params.yaml").read_text())
+    params = run_params(rev)
     figures = [auroc_figure(result), roc_figure(result, rev), training_figure(rev), confusion_figure(rev)]
     parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(f for f in figures if f)]
     title = f"cxr14 report: {html.escape(rev or 'workspace')}"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}}table{{border-collapse:collapse}}
-th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}}.warn{{background:#fff3cd;padding:.6em;border:1px solid #e0c36a}}</style>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}}
+table{{border-collapse:collapse}} th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}}
+.warn{{background:#fff3cd;padding:.6em;border:1px solid #e0c36a}}</style>
 </head><body><h1>{title}</h1>{summary_html(result, split, params)}{''.join(parts)}</body></html>"""
     out = Path(out)
     with atomic_path(out) as tmp:
