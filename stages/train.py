@@ -214,7 +214,7 @@ def fit(params: dict, images_path: Path, train_csv: Path, val_csv: Path, out: Pa
     train_rows = tasks.select(read_csv(train_csv), task, "train", config.seed)
     val_rows = tasks.select(read_csv(val_csv), task, "val", config.seed)
     if train_rows.empty or val_rows.empty:
-        raise ValueError(f"the task {task.kind} leaves {len(train_rows)} training and {len(val_rows)} validation images")
+        raise P.StageError(f"the task {task.kind} leaves {len(train_rows)} training and {len(val_rows)} validation images")
     y_train, y_val = tasks.targets(train_rows, task), tasks.targets(val_rows, task)
     size = models.input_size(model_config, images.shape[-1])
 
