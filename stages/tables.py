@@ -267,24 +267,31 @@ def markdown(table: Table, found: dict[str, dict | None]) -> str:
 
 
 def figure(table: Table, found: dict[str, dict | None]):
-    """Grouped bars of the measured per-label AUROC, with the report's figures as markers."""
+    """Grouped bars of the measured per-label AUROC, the report's figure for each as a dash on its bar."""
     import plotly.graph_objects as go
     from plotly.colors import qualitative
 
     names = [key for kind, key in row_names(table) if kind == "labels"] or ["micro", "macro"]
-    kind = "labels" if table.rows.count("labels") else "macro"
+    per_label = "labels" in table.rows
+    bars = [c for c in table.columns if not c.reference]
+    width = 0.8 / max(len(bars), 1)
     fig = go.Figure()
-    for i, column in enumerate(table.columns):
-        color = "black" if column.reference else qualitative.Plotly[i % 10]
-        if not column.reference:
-            values = [measured(kind if kind == "labels" else n, n, found.get(column.name)) for n in names]
-            fig.add_bar(x=names, y=values, name=column.title, marker_color=color, offsetgroup=str(i))
-        report = [reported(kind if kind == "labels" else n, n, column) for n in names]
+    for k, column in enumerate(table.columns):
+        color = "black" if column.reference else qualitative.Plotly[k % 10]
+        if column.reference:  # e.g. the CheXNet paper: a star at the label's center
+            xs = list(range(len(names)))
+        else:
+            slot = bars.index(column)
+            xs = [i - 0.4 + width * (slot + 0.5) for i in range(len(names))]
+            values = [measured("labels" if per_label else n, n, found.get(column.name)) for n in names]
+            fig.add_bar(x=xs, y=values, width=width, name=column.title, marker_color=color)
+        report = [reported("labels" if per_label else n, n, column) for n in names]
         if any(v is not None for v in report):
-            fig.add_scatter(x=names, y=report, mode="markers", name=f"report: {column.title}",
-                            marker={"symbol": "line-ew-open" if not column.reference else "star",
-                                    "size": 14, "color": color, "line": {"width": 3}})
-    fig.update_layout(title=table.title, barmode="group", yaxis_title="test AUROC", yaxis_range=[0, 1.02],
+            fig.add_scatter(x=xs, y=report, mode="markers", name=f"report: {column.title}",
+                            marker={"symbol": "star" if column.reference else "line-ew-open", "size": 14,
+                                    "color": color, "line": {"width": 3}})
+    fig.update_layout(title=table.title, barmode="overlay", yaxis_title="test AUROC", yaxis_range=[0, 1.02],
+                      xaxis={"tickvals": list(range(len(names))), "ticktext": names},
                       legend={"orientation": "h", "y": -0.3}, template="plotly_white", height=600)
     return fig
 
