@@ -183,8 +183,8 @@ def download_nih(config: DataConfig, directory: Path) -> pd.DataFrame:
             raise P.ParamError("data.download.archives", unknown, "names from " + config.archives_table)
         table = table[table["archive"].isin(config.archives)]
     directory.mkdir(parents=True, exist_ok=True)
-    for stray in directory.glob("*.tar.gz"):  # e.g. synthetic archives left by an earlier run
-        if stray.name not in set(table["archive"]):
+    for stray in directory.glob("*.tar.gz"):  # e.g. a synthetic archive of an earlier run; verified ones stay
+        if stray.name not in set(table["archive"]) and not (directory / f".{stray.name}.verified").exists():
             stray.unlink()
     errors, stop = [], threading.Event()
     with progress.transfer() as bar, ThreadPoolExecutor(config.workers) as pool:

@@ -123,6 +123,15 @@ def test_a_verified_archive_is_not_fetched_again(project, server, archives):
     assert server.requests == []
 
 
+def test_a_smaller_archive_list_keeps_verified_archives_on_disk(project, server, archives):
+    table = mirror_table(project, server, archives)
+    download.main(nih_params(project, table))
+    download.main(nih_params(project, table, archives=["images_001.tar.gz"]))
+    assert (project / "data/raw/archives/images_002.tar.gz").exists()  # 4 GB of real data is not thrown away
+    sources = read_csv(project / "data/raw/sources.csv")
+    assert [p.rsplit("/", 1)[1] for p in sources["path"]] == ["images_001.tar.gz"]
+
+
 def test_a_cut_transfer_is_resumed_with_a_range_request(project, server, archives):
     body = archives["images_002.tar.gz"]
     server.files["/a.tar.gz"] = body
