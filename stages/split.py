@@ -97,7 +97,7 @@ def subset_patients(index: pd.DataFrame, fraction: float, rng: np.random.Generat
 def split(index: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
     rng = np.random.default_rng([config.seed, 4])
     index = subset_patients(index, config.fraction, rng)
-    strata = patient_strata(index) if config.stratify else None
+    strata = patient_strata(index) if config.stratify and config.method != "random" else None  # random: no groups
     if config.method == "random":
         order = rng.permutation(len(index))
         if all(isinstance(s, int) for s in config.sizes) and sum(config.sizes) > 1:
