@@ -21,10 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from PIL import Image
 
-from stages import crop, metadata, synthetic
-from stages.atomic import write_csv
+from cxr14 import metadata, synthetic
+from cxr14 import params as P
+from cxr14.atomic import write_csv
+from stages import crop
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_archives(folder: Path, count: int) -> pd.DataFrame:
@@ -45,7 +50,8 @@ def stage(folder: Path, rows: pd.DataFrame, workers: int, size: int, fraction: f
         {"kind": "tar", "path": sorted(str(p) for p in folder.glob("*.tar.gz")), "image": ""}))
     (folder / "filter").mkdir(exist_ok=True)
     write_csv(folder / "filter/index.csv", rows)
-    (folder / "params.yaml").write_text(f"crop: {{fraction: {fraction}, size: {size}, workers: {workers}}}\n")
+    params = P.apply(P.load(REPO / P.PARAMS_FILE), {"crop.fraction": fraction, "crop.size": size, "crop.workers": workers})
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
     started = time.perf_counter()
     crop.main(str(folder / "params.yaml"), raw=folder / "raw", filtered=folder / "filter", out=folder / "crop",
               metrics=folder / "crop.json")

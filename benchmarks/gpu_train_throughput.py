@@ -25,6 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def _no_op_dvclive() -> None:
@@ -56,12 +60,15 @@ def packed_data(folder: Path, images: int, size: int) -> None:
 
 
 def stage_throughput(folder: Path, args) -> float:
+    from cxr14 import params as P
     from stages import train
 
-    params = {"seed": 0, "task": {"kind": "multilabel14"},
-              "model": {"backbone": args.backbone, "pretrained": "none", "head": {"hidden": [256, 50], "dropout": 0.1}},
-              "train": {"epochs": 2, "batch_size": args.batch, "steps_per_epoch": args.steps // 2, "optimizer": "adam",
-                        "device": args.device, "compile": args.compile}}
+    params = P.apply(P.load(REPO / P.PARAMS_FILE), {
+        "seed": 0, "task.kind": "multilabel14", "model.backbone": args.backbone, "model.pretrained": "none",
+        "model.head.hidden": [256, 50], "model.head.dropout": 0.1, "model.input_size": None, "train.epochs": 2,
+        "train.batch_size": args.batch, "train.steps_per_epoch": args.steps // 2, "train.optimizer": "adam",
+        "train.early_stopping_patience": None, "train.device": args.device, "train.compile": args.compile,
+        "train.precision": "auto", "train.processes": 1})
     seen = []
     train.fit(params, folder / "images.npy", folder / "train.csv", folder / "val.csv", folder / "out", folder / "live",
               log=lambda line: (print(line, flush=True), seen.append(line)))
@@ -70,22 +77,27 @@ def stage_throughput(folder: Path, args) -> float:
 
 
 def model_only_throughput(args) -> float:
-    from stages import models
+    from cxr14 import models, runtime
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    net = models.create_model(models.ModelConfig(args.backbone, "none", [256, 50], 0.1, None), 14).to(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        net = net.to(memory_format=torch.channels_last)
+    run = runtime.decide(args.device, "auto")  # as the stage decides: bf16 and channels_last on CUDA
+    config = models.ModelConfig(args.backbone, "none", [256, 50], 0.1, None)
+    size = models.input_size(config, args.size)
+    net = run.place(models.create_model(config, 14, size))
     net = torch.compile(net) if args.compile else net
     optimizer = torch.optim.Adam(net.parameters(), 1e-3)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    x = x.contiguous(memory_format=torch.channels_last) if cuda else x
-    y = torch.randint(0, 2, (args.batch, 14), device=device).float()
+    x = torch.randn(args.batch, 3, size, size, device=run.device)
+    x = x.contiguous(memory_format=torch.channels_last) if run.channels_last else x
+    y = torch.randint(0, 2, (args.batch, 14), device=run.device).float()
+    cuda = run.device.type == "cuda"
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x).float(), y)
+        with run.autocast():
+            out = net(x)
+            if isinstance(out, tuple):  # inception_v3 in training: (logits, aux_logits), as the stage's loss
+                loss = F.binary_cross_entropy_with_logits(out[0].float(), y) + 0.4 * F.binary_cross_entropy_with_logits(
+                    out[1].float(), y)
+            else:
+                loss = F.binary_cross_entropy_with_logits(out.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,4 +1,4 @@
-"""Reproducible NIH ChestX-ray14 experiments: one module per DVC stage, in pipeline order.
+"""The pipeline, one module per DVC stage, in order (each runs as `python -m stages.<name>`):
 
 download -> filter -> crop -> split -> resample -> train -> evaluate
 """

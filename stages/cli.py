@@ -6,11 +6,10 @@
 
 from __future__ import annotations
 
-import importlib
-
 import typer
 
-from stages.params import PARAMS_FILE, ParamError, StageError
+from cxr14 import stage as stage_runner
+from cxr14.params import PARAMS_FILE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0],
                   pretty_exceptions_enable=False)
@@ -18,16 +17,9 @@ PARAMS = typer.Option(PARAMS_FILE, "--params", "-p", help="the params file to re
 
 
 def _run(stage: str, params: str) -> None:
-    module = importlib.import_module(f"stages.{stage}")
-    try:
-        module.main(params)
-    except ParamError as error:
-        typer.secho(f"error: {error}", fg="red", err=True)
-        raise typer.Exit(2) from None
-    except (StageError, FileNotFoundError, FloatingPointError) as error:
-        # Failures the user can act on (missing input, NaN loss, a failed download): one clear line.
-        typer.secho(f"error in stage {stage}: {error}", fg="red", err=True)
-        raise typer.Exit(1) from None
+    code = stage_runner.run(f"stages.{stage}", params)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -79,7 +71,7 @@ app.add_typer(table_app, name="table")
 @table_app.command("list")
 def table_list() -> None:
     """The tables of the catalog, with their columns."""
-    from stages import tables
+    from experiments import tables
 
     for name, table in tables.load().items():
         columns = ", ".join(c.name + (" (reference)" if c.reference else "") for c in table.columns)
@@ -90,7 +82,7 @@ def table_list() -> None:
 def table_run(name: str, demo: bool = typer.Option(False, "--demo", help="the demo's small settings (synthetic data)"),
               set_param: list[str] = typer.Option([], "--set-param", "-S", help="key=value for every column")) -> None:
     """Run each column of a table as the DVC experiment NAME-COLUMN."""
-    from stages import tables
+    from experiments import tables
 
     try:
         code = tables.run(name, demo, set_param)
@@ -106,7 +98,7 @@ def table_show(name: str) -> None:
     from rich.console import Console
     from rich.markdown import Markdown
 
-    from stages import tables
+    from experiments import tables
 
     try:
         text = tables.show(name)
@@ -121,7 +113,7 @@ def table_show(name: str) -> None:
 def report(rev: str = typer.Argument(None, help="an experiment name or git revision; default: the workspace"),
            out: str = typer.Option("plots/report.html", help="where to write the page")) -> None:
     """One self-contained HTML page of a run's results (opens offline)."""
-    from stages import report as report_module
+    from experiments import report as report_module
 
     path = report_module.write(rev, out)
     typer.echo(f"written: {path}")
@@ -130,6 +122,6 @@ def report(rev: str = typer.Argument(None, help="an experiment name or git revis
 @app.command()
 def demo(name: str = typer.Option("demo", help="the experiment's name")) -> None:
     """Run the whole pipeline on the synthetic data set as the DVC experiment `demo` (params.yaml untouched)."""
-    from stages import demo as demo_module
+    from experiments import demo as demo_module
 
     raise typer.Exit(demo_module.run(name))

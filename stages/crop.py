@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from stages import packed_images, progress
-from stages import params as P
-from stages.atomic import atomic_path, read_csv, write_csv, write_json
-from stages.images import iter_sources, open_png, to_gray
+from cxr14 import packed_images, progress
+from cxr14 import params as P
+from cxr14.atomic import atomic_path, read_csv, write_csv, write_json
+from cxr14.images import iter_sources, open_png, to_gray
 
 PNG_CHUNK = 256
 
@@ -36,12 +36,12 @@ class CropConfig:
 
 
 def check(params: dict) -> CropConfig:
-    section = P.Section(params.get("crop"), "crop")
+    section = P.section(params, "crop")
     config = CropConfig(
-        fraction=section.number("fraction", 1.0, low=0, high=1, low_open=True),
-        size=section.number("size", 224, low=8, integer=True),
-        workers=section.number("workers", 0, low=0, integer=True),
-        skip_unreadable=section.boolean("skip_unreadable", False),
+        fraction=section.number("fraction", low=0, high=1, low_open=True),
+        size=section.number("size", low=8, integer=True),
+        workers=section.number("workers", low=0, integer=True),
+        skip_unreadable=section.boolean("skip_unreadable"),
     )
     section.finish()
     return config
@@ -125,3 +125,9 @@ def main(params_path: str = P.PARAMS_FILE, raw: Path = Path("data/raw"), filtere
                          "fraction": config.fraction, "skipped_examples": sorted(failed)[:10]})
     print(f"crop: {len(kept)} images at {config.size}px (center {config.fraction:.0%}); "
           f"{len(failed)} unreadable skipped")
+
+
+if __name__ == "__main__":
+    from cxr14.stage import command_line
+
+    command_line("stages.crop")

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages import metadata as md
-from stages import params as P
-from stages import progress, synthetic
-from stages.atomic import atomic_path, write_csv
-from stages.images import list_archive, scan_local
+from cxr14 import metadata as md
+from cxr14 import params as P
+from cxr14 import progress, synthetic
+from cxr14.atomic import atomic_path, write_csv
+from cxr14.images import list_archive, scan_local
 
 RAW = Path("data/raw")
 SOURCES = ("nih", "local", "synthetic")
@@ -57,29 +57,29 @@ class DataConfig:
 
 
 def check(params: dict) -> DataConfig:
-    data = P.Section(params.get("data"), "data")
+    data = P.section(params, "data")
     source = data.choice("source", SOURCES)
-    local_dir = data.get("local_dir", None)
+    local_dir = data.get("local_dir")
     if source == "local" and not local_dir:
         raise P.ParamError("data.local_dir", local_dir, "the folder holding your NIH archives or PNGs (data.source is local)")
     dl = data.section("download")
-    archives = dl.get("archives", "all")
+    archives = dl.get("archives")
     if archives != "all" and not (isinstance(archives, list) and all(isinstance(a, str) for a in archives)):
         raise P.ParamError("data.download.archives", archives, "all, or a list of archive names such as [images_001.tar.gz]")
     syn = data.section("synthetic")
     config = DataConfig(
         source=source, local_dir=local_dir,
-        archives_table=dl.get("archives_table", str(md.REFERENCE / md.ARCHIVES_FILE)),
+        archives_table=dl.get("archives_table"),
         archives=None if archives == "all" else archives,
-        verify_md5=dl.boolean("verify_md5", True),
-        workers=dl.number("workers", 4, low=1, integer=True),
-        retries=dl.number("retries", 5, low=0, integer=True),
-        backoff_seconds=dl.number("backoff_seconds", 2.0, low=0),
-        timeout_seconds=dl.number("timeout_seconds", 60, low=0, low_open=True),
-        images=syn.number("images", 3000, low=1, integer=True),
-        image_size=syn.number("image_size", 256, low=32, integer=True),
-        min_positives_per_label=syn.number("min_positives_per_label", 0, low=0, integer=True),
-        max_images_per_patient=syn.number("max_images_per_patient", 20, low=1, integer=True),
+        verify_md5=dl.boolean("verify_md5"),
+        workers=dl.number("workers", low=1, integer=True),
+        retries=dl.number("retries", low=0, integer=True),
+        backoff_seconds=dl.number("backoff_seconds", low=0),
+        timeout_seconds=dl.number("timeout_seconds", low=0, low_open=True),
+        images=syn.number("images", low=1, integer=True),
+        image_size=syn.number("image_size", low=32, integer=True),
+        min_positives_per_label=syn.number("min_positives_per_label", low=0, integer=True),
+        max_images_per_patient=syn.number("max_images_per_patient", low=1, integer=True),
         seed=P.seed(params),
     )
     for section in (dl, syn, data):
@@ -293,3 +293,9 @@ def main(params_path: str = P.PARAMS_FILE, out: Path = RAW) -> None:
     write_csv(out / "metadata.csv", metadata.reset_index(drop=True))
     print(f"download ({config.source}): {len(metadata)} images of {metadata['patient_id'].nunique()} patients "
           f"in {len(sources)} sources")
+
+
+if __name__ == "__main__":
+    from cxr14.stage import command_line
+
+    command_line("stages.download")

@@ -16,38 +16,41 @@ import numpy as np
 import torch
 from dvclive import Live
 
-from stages import metrics as M
-from stages import models, packed_images, tasks
-from stages import params as P
-from stages.atomic import read_csv, write_csv, write_json
-from stages.batches import Batches, batch_order
-from stages.train import pick_device, predict
+from cxr14 import metrics as M
+from cxr14 import models, packed_images, tasks
+from cxr14 import params as P
+from cxr14.atomic import read_csv, write_csv, write_json
+from cxr14.batches import Batches, batch_order
+from cxr14.runtime import DEVICES, Runtime, decide, predict
 
 THRESHOLD_RULES = ("f1", "pr_crossing")
 
 
 def check(params: dict) -> tuple[tasks.Task, dict]:
     task = tasks.check(params)
-    section = P.Section(params.get("evaluate"), "evaluate")
+    section = P.section(params, "evaluate")
     config = {
-        "bootstrap": section.number("bootstrap", 1000, low=0, integer=True),
-        "threshold": section.choice("threshold", THRESHOLD_RULES, "f1"),
-        "batch_size": section.number("batch_size", 64, low=1, integer=True),
-        "device": section.choice("device", ("auto", "cpu", "cuda"), "auto"),
+        "bootstrap": section.number("bootstrap", low=0, integer=True),
+        "threshold": section.choice("threshold", THRESHOLD_RULES),
+        "batch_size": section.number("batch_size", low=1, integer=True),
+        "device": section.choice("device", DEVICES),
         "seed": P.seed(params),
     }
     section.finish()
     return task, config
 
 
-def load_model(path: Path, task: tasks.Task, device: torch.device):
+def load_model(path: Path, task: tasks.Task, device: str) -> tuple[torch.nn.Module, int, Runtime]:
+    """The trained network, its input side, and the runtime to run it in: evaluate.device, and the
+    precision it was trained with (train.precision, recorded in the model file)."""
     saved = torch.load(path, map_location="cpu", weights_only=False)
     if saved["task"] != asdict(task):
         raise P.ParamError("task", asdict(task), f"the task the model in {path} was trained for: {saved['task']}")
+    runtime = decide(device, saved["precision"], key="evaluate.device")
     config = models.ModelConfig(**{**saved["model"], "pretrained": "none"})
     net = models.create_model(config, len(saved["names"]), saved["input_size"])
     net.load_state_dict(saved["state_dict"])
-    return net.to(device).eval(), saved["input_size"]
+    return runtime.place(net).eval(), saved["input_size"], runtime
 
 
 def top_label_confusion(y: np.ndarray, p: np.ndarray, names: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -113,16 +116,14 @@ def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), sp
          model_path: Path = Path("data/train/model.pt"), out: Path = Path("data/evaluate"),
          metrics_path: Path = Path("metrics/evaluate.json"), live_dir: Path = Path("plots/evaluate")) -> None:
     task, config = check(P.load(params_path))
-    device = pick_device(config["device"], 0)
-    net, size = load_model(model_path, task, device)
+    net, size, runtime = load_model(model_path, task, config["device"])
     images = packed_images.load(cropped / packed_images.IMAGES_FILE)
-    autocast = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": device.type == "cuda"}
     parts = {}
     for part in ("val", "test"):
         rows = tasks.select(read_csv(split_dir / f"{part}.csv"), task, part, config["seed"])
         batches = Batches(images, rows["row"].to_numpy(), tasks.targets(rows, task),
-                          batch_order(len(rows), config["batch_size"], None), device)
-        parts[part] = (rows, *predict(net, batches, size, autocast, device.type == "cuda"))
+                          batch_order(len(rows), config["batch_size"], None), runtime.device)
+        parts[part] = (rows, *predict(net, batches, size, runtime))
     (_, y_val, p_val, _), (test, y, p, loss) = parts["val"], parts["test"]
     result = evaluate(task, config, y_val, p_val, y, p, loss, test["patient_id"].to_numpy())
     predictions = test[["image", "patient_id", "labels"]].copy()
@@ -131,25 +132,10 @@ def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), sp
     write_csv(out / "predictions.csv", predictions)
     write_json(metrics_path, result)
     write_plots(live_dir, task, result, y_val, p_val, y, p)
-    print_table(task, result)
+    M.print_table(task, result)
 
 
-def print_table(task: tasks.Task, result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+if __name__ == "__main__":
+    from cxr14.stage import command_line
 
-    table = Table(title=f"test AUROC ({task.kind}, {result['images']} images)")
-    for column in ("label", "positives", "AUROC", "95% CI", "AUPRC"):
-        table.add_column(column, justify="left" if column == "label" else "right")
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for name in task.names:
-        ci = result.get("auroc_ci", {}).get(name)
-        table.add_row(name, str(result["positives"][name]), fmt(result["auroc"][name]),
-                      "-" if not ci else f"{ci[0]:.3f}-{ci[1]:.3f}", fmt(result["auprc"][name]))
-    ci = result.get("auroc_macro_ci")
-    table.add_row("macro average", "", fmt(result["auroc_macro"]), "-" if not ci else f"{ci[0]:.3f}-{ci[1]:.3f}",
-                  fmt(result["auprc_macro"]), style="bold")
-    table.add_row("micro average", "", fmt(result["auroc_micro"]), "", "")
-    Console().print(table)
-
-
+    command_line("stages.evaluate")

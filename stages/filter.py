@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import metadata as md
-from stages import params as P
-from stages.atomic import read_csv, write_csv, write_json
+from cxr14 import metadata as md
+from cxr14 import params as P
+from cxr14.atomic import read_csv, write_csv, write_json
 
 VIEWS = ("PA", "AP")
 
@@ -22,11 +22,11 @@ class FilterConfig:
 
 
 def check(params: dict) -> FilterConfig:
-    section = P.Section(params.get("filter"), "filter")
-    views = section.get("views", list(VIEWS))
+    section = P.section(params, "filter")
+    views = section.get("views")
     if not isinstance(views, list) or not views or any(v not in VIEWS for v in views):
         raise P.ParamError("filter.views", views, f"a non-empty list drawn from {list(VIEWS)}")
-    config = FilterConfig(blacklist=section.boolean("blacklist", True), views=views)
+    config = FilterConfig(blacklist=section.boolean("blacklist"), views=views)
     section.finish()
     return config
 
@@ -46,3 +46,9 @@ def main(params_path: str = P.PARAMS_FILE, raw: Path = Path("data/raw"), out: Pa
     write_csv(out / "index.csv", kept)
     write_json(metrics, {"images_in": len(index), "images_kept": len(kept), "dropped": dropped})
     print(f"filter: kept {len(kept)} of {len(index)} images; dropped {dropped}")
+
+
+if __name__ == "__main__":
+    from cxr14.stage import command_line
+
+    command_line("stages.filter")

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages import labels as L
-from stages import params as P
-from stages.atomic import read_csv, write_csv, write_json
+from cxr14 import labels as L
+from cxr14 import params as P
+from cxr14.atomic import read_csv, write_csv, write_json
 
 
 def check(params: dict) -> tuple[dict[str, int], int]:
-    section = P.Section(params.get("resample"), "resample")
-    targets = section.get("targets", {}) or {}
+    section = P.section(params, "resample")
+    targets = section.get("targets") or {}  # `targets:` left empty is off too
     if not isinstance(targets, dict):
         raise P.ParamError("resample.targets", targets, "a mapping of label to image count, such as {Hernia: 2500}")
     for name, count in targets.items():
@@ -63,3 +63,9 @@ def main(params_path: str = P.PARAMS_FILE, split_dir: Path = Path("data/split"),
     write_csv(out / "train.csv", after)
     write_json(metrics, {"images_before": len(train), "images_after": len(after), "labels": table})
     print(f"resample: {len(train)} -> {len(after)} training images" + (" (no targets)" if not targets else ""))
+
+
+if __name__ == "__main__":
+    from cxr14.stage import command_line
+
+    command_line("stages.resample")

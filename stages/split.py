@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages import labels as L
-from stages import metadata as md
-from stages import params as P
-from stages.atomic import read_csv, write_csv, write_json
+from cxr14 import labels as L
+from cxr14 import metadata as md
+from cxr14 import params as P
+from cxr14.atomic import read_csv, write_csv, write_json
 
 PARTS = ("train", "val", "test")
 METHODS = ("random", "patient", "official")
@@ -35,9 +35,9 @@ class SplitConfig:
 
 
 def check(params: dict) -> SplitConfig:
-    section = P.Section(params.get("split"), "split")
-    method = section.choice("method", METHODS, "patient")
-    sizes = section.get("sizes", [0.7, 0.1, 0.2])
+    section = P.section(params, "split")
+    method = section.choice("method", METHODS)
+    sizes = section.get("sizes")
     valid = "three fractions that sum to 1, such as [0.7, 0.1, 0.2], or three image counts such as [76200, 9478, 25250]"
     numbers = isinstance(sizes, list) and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sizes)
     if not numbers or len(sizes) != 3 or any(s < 0 for s in sizes):
@@ -49,9 +49,9 @@ def check(params: dict) -> SplitConfig:
         raise P.ParamError("split.sizes", sizes, f"fractions for split.method {method} (image counts only with random)")
     config = SplitConfig(
         method=method, sizes=sizes,
-        val_fraction=section.number("val_fraction", 0.1, low=0, high=1, low_open=True),
-        fraction=section.number("fraction", 1.0, low=0, high=1, low_open=True),
-        stratify=section.boolean("stratify", True),
+        val_fraction=section.number("val_fraction", low=0, high=1, low_open=True),
+        fraction=section.number("fraction", low=0, high=1, low_open=True),
+        stratify=section.boolean("stratify"),
         seed=P.seed(params),
     )
     section.finish()
@@ -146,3 +146,9 @@ def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), ou
     print(f"split ({config.method}): " + ", ".join(f"{n} {summary[n]['images']} images / {summary[n]['patients']} patients"
                                                for n in PARTS)
           + f"; {summary['patients_in_more_than_one_part']} patients in more than one part")
+
+
+if __name__ == "__main__":
+    from cxr14.stage import command_line
+
+    command_line("stages.split")

@@ -1,45 +1,50 @@
-"""Shared test helpers: a small project folder with the reference files, params files, a tiny pipeline."""
+"""Shared test helpers: a small project folder with the reference files, params files, a tiny pipeline.
+
+Every test's params are the repository's params.yaml + TEST_SCALE + the test's own changes, made by
+the one helper that the demo and the tables use too (cxr14.params.apply): no test runs a default
+that params.yaml does not hold.
+"""
 
 from __future__ import annotations
 
-import copy
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cxr14 import params as P
+from experiments.demo import DEMO
+
 REPO = Path(__file__).resolve().parents[1]
 
-# Small settings every test starts from; a test overrides what it checks.
-BASE = {
+# The demo's small settings, smaller still: a test overrides what it checks.
+TEST_SCALE = {
+    **DEMO,
     "seed": 3,
-    "data": {"source": "synthetic", "synthetic": {"images": 400, "image_size": 64, "min_positives_per_label": 12,
-                                                  "max_images_per_patient": 10}},
-    "filter": {"blacklist": True},
-    "crop": {"fraction": 0.75, "size": 32, "workers": 2},
-    "split": {"method": "patient", "sizes": [0.6, 0.2, 0.2]},
-    "resample": {"targets": {}},
-    "task": {"kind": "multilabel14"},
-    "model": {"backbone": "resnet18", "pretrained": "none", "head": {"hidden": [], "dropout": 0.0}},
-    "train": {"epochs": 2, "batch_size": 32, "optimizer": "adam", "augment": {"enabled": True}},
-    "evaluate": {"bootstrap": 50, "batch_size": 64},
+    "data.synthetic.images": 400,
+    "data.synthetic.image_size": 64,
+    "data.synthetic.min_positives_per_label": 12,
+    "data.synthetic.max_images_per_patient": 10,
+    "crop.size": 32,
+    "crop.workers": 2,
+    "split.method": "patient",
+    "split.sizes": [0.6, 0.2, 0.2],
+    "train.epochs": 2,
+    "evaluate.bootstrap": 50,
 }
 
 
-def merge(base: dict, changes: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+def params_with(changes: dict | None = None) -> dict:
+    """params.yaml + TEST_SCALE + `changes` (nested, such as {"train": {"epochs": 1}}, or dotted keys)."""
+    return P.apply(P.apply(P.load(REPO / P.PARAMS_FILE), TEST_SCALE), P.flatten(changes or {}))
 
 
-def write_params(folder: Path, changes: dict | None = None, base: dict = BASE) -> str:
+def write_params(folder: Path, changes: dict | None = None) -> str:
     path = Path(folder) / "params.yaml"
-    path.write_text(yaml.safe_dump(merge(base, changes or {})))
+    path.write_text(yaml.safe_dump(params_with(changes)))
     return str(path)
 
 
@@ -73,4 +78,22 @@ def tiny_pipeline(tmp_path_factory) -> Path:
             stage.main(params)
     finally:
         os.chdir(here)
+    return folder
+
+
+def working_tree_copy(folder: Path) -> Path:
+    """A new git repository at `folder` holding this checkout's working tree as one commit: tracked files
+    as they are now (uncommitted edits too) and untracked files that git does not ignore. End-to-end
+    tests run DVC there, so they test the code being edited, not only the last commit."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    folder.mkdir(parents=True)
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():  # a tracked file deleted in the working tree is left out, as in the tree
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, folder / name)
+    for command in (["init", "-q"], ["config", "user.name", "test"], ["config", "user.email", "test@example.invalid"],
+                    ["add", "-A"], ["commit", "-q", "-m", "working tree under test"]):
+        subprocess.run(["git", *command], cwd=folder, check=True, capture_output=True)
     return folder

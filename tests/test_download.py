@@ -12,8 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pandas as pd
 import pytest
 
-from stages import download, metadata
-from stages.atomic import read_csv
+from cxr14 import metadata
+from cxr14.atomic import read_csv
+from stages import download
 
 from .conftest import REPO, write_params
 

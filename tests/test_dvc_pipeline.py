@@ -5,7 +5,9 @@ import subprocess
 
 import pytest
 
-from .conftest import REPO
+from .conftest import working_tree_copy
+
+pytestmark = pytest.mark.e2e
 
 SMOKE = ["data.source=synthetic", "data.synthetic.images=300", "data.synthetic.image_size=64",
          "data.synthetic.min_positives_per_label=10", "crop.size=32", "split.sizes=[0.6,0.2,0.2]",
@@ -26,11 +28,7 @@ def exp_run(folder, name, *overrides):
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clone") / "repo"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(folder)], check=True)
-    sh(folder, "git", "config", "user.name", "test")
-    sh(folder, "git", "config", "user.email", "test@example.invalid")
-    return folder
+    return working_tree_copy(tmp_path_factory.mktemp("clone") / "repo")
 
 
 def test_dvc_runs_every_stage_and_shows_the_metrics(clone):
@@ -60,3 +58,20 @@ def test_dvc_plots_show_draws_roc_confusion_and_auroc_bars(clone):
     page = (clone / "dvc_plots" / "index.html").read_text()
     for expected in ("roc/Atelectasis", "confusion_matrix", "auroc_by_label", "train_loss"):
         assert expected in page, expected
+
+
+def test_editing_a_library_module_makes_exactly_its_users_stale(clone):
+    from cxr14 import imports
+
+    assert json.loads(sh(clone, "dvc", "status", "--json")) == {}  # the last run is current
+    labels = clone / "cxr14" / "labels.py"
+    original = labels.read_text()
+    labels.write_text(original + "\n# an edit\n")
+    try:
+        stale = json.loads(sh(clone, "dvc", "status", "--json"))
+    finally:
+        labels.write_text(original)
+    users = {s for s in ("download", "filter", "crop", "split", "resample", "train", "evaluate")
+             if "cxr14/labels.py" in imports.project_files(f"stages.{s}")}
+    assert set(stale) == users == {"download", "split", "resample", "train", "evaluate"}
+    assert all({"changed deps": {"cxr14/labels.py": "modified"}} in stale[s] for s in users)

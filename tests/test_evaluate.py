@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from cxr14.params import ParamError
 from stages import evaluate, train
-from stages.params import ParamError
 
 from .conftest import write_params
 

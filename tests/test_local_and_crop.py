@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import crop, download, filter, packed_images
-from stages.atomic import read_csv
-from stages.images import iter_archive, to_gray
-from stages.params import StageError
+from cxr14 import packed_images
+from cxr14.atomic import read_csv
+from cxr14.images import iter_archive, to_gray
+from cxr14.params import StageError
+from stages import crop, download, filter
 
 from .conftest import write_params
 

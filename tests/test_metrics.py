@@ -3,7 +3,7 @@
 import numpy as np
 from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
 
-from stages import metrics as M
+from cxr14 import metrics as M
 
 NAMES = ("A", "B", "C")
 

@@ -1,11 +1,13 @@
 """A bad value stops a stage before any work, with an error naming the key, the value and what is valid."""
 
+import copy
+
 import pytest
 
-from stages import crop, download, filter, resample, split, train
-from stages.params import ParamError, load
+from cxr14.params import ParamError, load
+from stages import crop, download, evaluate, filter, resample, split, train
 
-from .conftest import write_params
+from .conftest import REPO, write_params
 
 
 def error_of(stage, project, changes) -> ParamError:
@@ -70,3 +72,48 @@ def test_stage_stops_before_any_work(project):
     assert result.exit_code == 2
     assert "crop.size = 0" in result.output
     assert not (project / "data" / "crop").exists()
+
+
+CHECKS = (download, filter, crop, split, resample, train, evaluate)
+PARAMS_YAML = load(REPO / "params.yaml")
+
+
+def leaf_keys(node: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            keys += leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def without(params: dict, key: str) -> dict:
+    out = copy.deepcopy(params)
+    *parents, last = key.split(".")
+    node = out
+    for part in parents:
+        node = node[part]
+    del node[last]
+    return out
+
+
+def test_params_yaml_passes_every_stage_check():
+    for stage in CHECKS:
+        stage.check(PARAMS_YAML)
+
+
+@pytest.mark.parametrize("key", leaf_keys(PARAMS_YAML))
+def test_params_yaml_is_the_only_default_of_every_key(key):
+    """Take any key out of params.yaml and some stage stops, naming it: no code default can stand in."""
+    params = without(PARAMS_YAML, key)
+    with pytest.raises(ParamError) as caught:
+        for stage in CHECKS:
+            stage.check(params)
+    assert caught.value.key == key and "missing" in str(caught.value)
+
+
+def test_a_whole_missing_section_names_the_section():
+    with pytest.raises(ParamError) as caught:
+        crop.check(without(PARAMS_YAML, "crop"))
+    assert caught.value.key == "crop"

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages import labels, metadata, resample, split
-from stages.params import ParamError, load
+from cxr14 import labels, metadata
+from cxr14.params import ParamError, load
+from stages import resample, split
 
 from .conftest import write_params
 

@@ -6,9 +6,10 @@ import tarfile
 import numpy as np
 import pandas as pd
 
-from stages import download, labels, metadata, synthetic
-from stages.atomic import read_csv
-from stages.images import iter_archive, open_png, to_gray
+from cxr14 import labels, metadata, synthetic
+from cxr14.atomic import read_csv
+from cxr14.images import iter_archive, open_png, to_gray
+from stages import download
 
 from .conftest import write_params
 

@@ -5,10 +5,13 @@ import sys
 
 import pytest
 
-from stages import crop, download, evaluate, filter, labels, resample, split, tables, train
-from stages.params import load
+from cxr14 import labels
+from cxr14 import params as P
+from cxr14.params import load
+from experiments import tables
+from stages import crop, download, evaluate, filter, resample, split, train
 
-from .conftest import REPO
+from .conftest import REPO, working_tree_copy
 
 CHECKS = (download, filter, crop, split, resample, train, evaluate)
 
@@ -26,7 +29,7 @@ def test_every_override_is_a_real_key_with_a_valid_value(name):
     base = load(REPO / "params.yaml")
     for column in table.runnable:
         for demo in (False, True):
-            params = tables.apply(base, tables.settings(table, column, demo))
+            params = P.apply(base, tables.settings(table, column, demo))
             for stage in CHECKS:
                 stage.check(params)  # raises ParamError naming the key on a typo or a bad value
             assert params["task"]["kind"] in (table.task, "multilabel15", "multilabel14_findings_only")
@@ -67,17 +70,14 @@ def cxr(folder, *args, check=True):
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tables") / "repo"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(folder)], check=True)
-    for key, value in (("user.name", "test"), ("user.email", "test@example.invalid")):
-        subprocess.run(["git", "config", key, value], cwd=folder, check=True)
-    return folder
+    return working_tree_copy(tmp_path_factory.mktemp("tables") / "repo")
 
 
 def smoke_args():
     return [a for item in SMOKE for a in ("-S", item)]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name, columns", [("optimizer_14", 3), ("optimizer_15", 2), ("binary_fibrosis", 2)])
 def test_a_table_of_each_task_kind_runs_and_shows(clone, name, columns):
     out = cxr(clone, "table", "run", name, "--demo", *smoke_args()).stdout
@@ -92,11 +92,13 @@ def test_a_table_of_each_task_kind_runs_and_shows(clone, name, columns):
     assert (clone / "plots" / "tables" / f"{name}.html").stat().st_size > 100_000  # plotly inlined: opens offline
 
 
+@pytest.mark.e2e
 def test_rerunning_a_table_keeps_what_is_already_there(clone):
     out = cxr(clone, "table", "run", "optimizer_15", "--demo", *smoke_args()).stdout
     assert "table optimizer_15: 0 run, 2 kept, 0 failed" in out
 
 
+@pytest.mark.e2e
 def test_a_failed_column_is_reported_and_the_others_still_run(clone):
     done = cxr(clone, "table", "run", "weights_15", "--demo", *smoke_args(), check=False)
     assert done.returncode == 1
@@ -104,6 +106,7 @@ def test_a_failed_column_is_reported_and_the_others_still_run(clone):
     assert "table weights_15: 1 run, 0 kept, 1 failed: weights_15-imagenet" in done.stdout
 
 
+@pytest.mark.e2e
 def test_report_page_for_an_experiment(clone):
     cxr(clone, "report", "optimizer_14-adam", "--out", "plots/report.html")
     page = (clone / "plots" / "report.html").read_text()
@@ -119,7 +122,7 @@ def test_overrides_set_params_yaml_as_dvc_applies_them(tmp_path):
 
     from dvc.utils.hydra import apply_overrides
 
-    from stages.demo import overrides
+    from experiments.demo import overrides
 
     params = load(REPO / "params.yaml")
     wanted = {"resample.targets.Hernia": 2500, "resample.targets.No Finding": 30000, "crop.size": 224,
@@ -128,4 +131,4 @@ def test_overrides_set_params_yaml_as_dvc_applies_them(tmp_path):
     assert "++resample.targets={Hernia:2500,No Finding:30000}" in items
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     apply_overrides(str(tmp_path / "params.yaml"), items)
-    assert load(tmp_path / "params.yaml") == tables.apply(params, wanted)
+    assert load(tmp_path / "params.yaml") == P.apply(params, wanted)

@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 import torch
 
-from stages import labels, models, tasks
-from stages.batches import Augment, prepare
-from stages.params import ParamError
+from cxr14 import labels, models, tasks
+from cxr14.batches import Augment, prepare
+from cxr14.params import ParamError
 
 ROWS = pd.DataFrame({"labels": ["No Finding", "Cardiomegaly|Effusion", "Hernia", "Fibrosis|Mass"]})
 
@@ -51,7 +51,7 @@ def test_every_backbone_builds_and_trains_one_step(backbone):
     net = models.create_model(config, 14, size)
     x = torch.randint(0, 255, (2, 1, 40, 40), dtype=torch.uint8)
     net.train()
-    out = net(prepare(x, size, Augment(), torch.Generator().manual_seed(0)))
+    out = net(prepare(x, size, Augment((0.8, 1.0), True, 5.0), torch.Generator().manual_seed(0)))
     logits = out[0] if isinstance(out, tuple) else out
     assert logits.shape == (2, 14)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones(2, 14))

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from stages import train
-from stages.params import load
+from cxr14.params import load
+from cxr14.training import TrainState, score_of
+from stages import crop, train
 
-from .conftest import REPO, write_params
+from .conftest import REPO, params_with, write_params
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def test_training_logs_per_label_auroc_and_writes_the_best_model(pipeline):
     assert len(metrics["auroc"]) >= 10
     assert (pipeline / "metrics/train/plots/metrics/auroc/Effusion.tsv").exists()
     saved = torch.load(pipeline / "data/train/model.pt", weights_only=False)
-    assert saved["epoch"] == state["best_epoch"] and saved["names"][0] == "Atelectasis"
+    assert saved["epoch"] == state.best_epoch and saved["names"][0] == "Atelectasis"
 
 
 @pytest.mark.parametrize("optimizer, kind", [("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
@@ -64,7 +65,7 @@ def test_adam_then_sgd_switches_from_the_best_weights(pipeline, monkeypatch):
     state = fit(pipeline, {"train": {"epochs": 3, "optimizer": "adam_then_sgd", "switch": {"epoch": 2}}},
                 log=lines.append)
     assert made[0] == "adam" and made[-1] == "sgd"
-    assert state["phase"] == "sgd"
+    assert state.phase == "sgd"
     switch = [line for line in lines if "switched from Adam to SGD after epoch 2" in line]
     assert switch and "from the weights of epoch" in switch[0]
     saved = torch.load(pipeline / "data/train/checkpoint.pt", weights_only=False)
@@ -92,16 +93,10 @@ def test_class_weights_scale_each_label_loss_as_by_hand():
 
 def test_pos_weight_auto_is_negatives_over_positives():
     task = train.tasks.Task("binary", "Fibrosis", 1.0)
-    config = train.check(load_dict({"task": {"kind": "binary"}, "train": {"pos_weight": "auto"}}))[2]
+    config = train.check(params_with({"task": {"kind": "binary"}, "train": {"pos_weight": "auto"}}))[2]
     y = np.array([[1], [0], [0], [0]], dtype=np.float32)
     _, pos_weight = train.loss_weights(task, config, y, "cpu")
     assert pos_weight.tolist() == [3.0]
-
-
-def load_dict(changes):
-    from .conftest import BASE, merge
-
-    return merge(BASE, changes)
 
 
 def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(pipeline):
@@ -132,6 +127,48 @@ def test_processes_must_match_the_launch(pipeline):
         fit(pipeline, {"train": {"processes": 2}})
 
 
+def kill_after_first_epoch(epoch):
+    if epoch == 1:
+        raise KeyboardInterrupt
+
+
+def resumes(folder, settings) -> bool:
+    lines = []
+    fit(folder, settings, log=lines.append)
+    return any("resuming" in line for line in lines)
+
+
+def test_a_recropped_array_starts_afresh_instead_of_resuming(pipeline):
+    settings = {"train": {"epochs": 2}}
+    with pytest.raises(KeyboardInterrupt):
+        fit(pipeline, settings, after_epoch=kill_after_first_epoch)
+    changed = {**settings, "crop": {"fraction": 0.6}}
+    crop.main(write_params(pipeline, changed))  # same shape, other pixels
+    assert not resumes(pipeline, changed)
+
+
+def test_new_pixels_of_the_same_shape_and_time_start_afresh(pipeline):
+    """The fingerprint reads the packed array's content, not only its shape (or its modification time)."""
+    settings = {"train": {"epochs": 2}}
+    with pytest.raises(KeyboardInterrupt):
+        fit(pipeline, settings, after_epoch=kill_after_first_epoch)
+    path = pipeline / "data/crop/images.npy"
+    before = path.stat()
+    array = np.load(path, mmap_mode="r+")
+    array[:] = 255 - array
+    array.flush()
+    del array
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert not resumes(pipeline, settings)
+
+
+def test_the_same_inputs_resume(pipeline):
+    settings = {"train": {"epochs": 2}}
+    with pytest.raises(KeyboardInterrupt):
+        fit(pipeline, settings, after_epoch=kill_after_first_epoch)
+    assert resumes(pipeline, settings)
+
+
 def test_changed_params_start_afresh_instead_of_resuming(pipeline):
     fit(pipeline, {"train": {"epochs": 1}})
     lines = []
@@ -142,9 +179,9 @@ def test_changed_params_start_afresh_instead_of_resuming(pipeline):
 def test_a_nan_loss_stops_with_the_epoch_and_step(pipeline, monkeypatch):
     real, calls = train.loss_fn, []
 
-    def poisoned(*args):
+    def poisoned(*args, **kwargs):
         calls.append(1)
-        loss = real(*args)
+        loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(train, "loss_fn", poisoned)
@@ -152,6 +189,7 @@ def test_a_nan_loss_stops_with_the_epoch_and_step(pipeline, monkeypatch):
         fit(pipeline, {"train": {"epochs": 2}})
 
 
+@pytest.mark.e2e
 def test_two_process_ddp_writes_the_same_metric_keys(pipeline):
     fit(pipeline, {"train": {"epochs": 1}})
     single = logged(pipeline)
@@ -160,9 +198,72 @@ def test_two_process_ddp_writes_the_same_metric_keys(pipeline):
     (pipeline / "data/train/checkpoint.pt").unlink()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "stages", "train", "--params", params],
+                           "-m", "stages.train", "--params", params],
                           cwd=pipeline, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     double = logged(pipeline)
     assert sorted(double) == sorted(single)
     assert sorted(double["auroc"]) == sorted(single["auroc"])
+
+
+# ---------------------------------------------------------------- the decisions, without a network
+
+def config_of(changes):
+    return train.check(params_with({"train": changes}))[2]
+
+
+def test_a_better_score_is_the_new_best_and_resets_the_counts():
+    state = TrainState(phase="adam").after_epoch(0.6).after_epoch(0.5)
+    assert (state.epoch, state.best_epoch, state.bad_epochs, state.improved) == (2, 1, 1, False)
+    state = state.after_epoch(0.7)
+    assert (state.best_score, state.best_epoch, state.bad_epochs, state.phase_bad_epochs, state.improved) == (0.7, 3, 0, 0, True)
+
+
+def test_adam_hands_over_to_sgd_at_the_switch_epoch():
+    config = config_of({"optimizer": "adam_then_sgd", "epochs": 10, "switch": {"epoch": 3, "patience": 5}})
+    state = TrainState.start(config)
+    for score in (0.5, 0.6):
+        state = state.after_epoch(score)
+        assert not state.should_switch(config)
+    assert state.after_epoch(0.7).should_switch(config)
+
+
+def test_adam_hands_over_to_sgd_on_a_plateau():
+    config = config_of({"optimizer": "adam_then_sgd", "epochs": 10, "switch": {"epoch": 9, "patience": 2}})
+    state = TrainState.start(config).after_epoch(0.6).after_epoch(0.5)
+    assert not state.should_switch(config)
+    state = state.after_epoch(0.5)
+    assert state.should_switch(config)
+    switched = state.switched()
+    assert switched.phase == "sgd" and switched.phase_bad_epochs == 0 and switched.bad_epochs == 2
+    assert not switched.should_switch(config)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_single_optimizer_never_switches(optimizer):
+    config = config_of({"optimizer": optimizer, "switch": {"epoch": 1, "patience": 1}})
+    state = TrainState.start(config).after_epoch(0.5).after_epoch(0.4)
+    assert state.phase == ("sgd" if optimizer == "sgd" else "adam") and not state.should_switch(config)
+
+
+def test_early_stopping_waits_for_the_sgd_phase_of_adam_then_sgd():
+    config = config_of({"optimizer": "adam_then_sgd", "epochs": 30, "early_stopping_patience": 2,
+                        "switch": {"epoch": 20, "patience": 10}})
+    state = TrainState.start(config).after_epoch(0.6).after_epoch(0.5).after_epoch(0.5)
+    assert state.bad_epochs == 2 and not state.should_stop(config)
+    assert state.switched().should_stop(config) and state.switched().finished(config)
+
+
+def test_early_stopping_off_runs_every_epoch():
+    config = config_of({"optimizer": "adam", "epochs": 3, "early_stopping_patience": None})
+    state = TrainState.start(config)
+    for _ in range(2):
+        state = state.after_epoch(0.1)
+        assert not state.finished(config)
+    assert state.after_epoch(0.1).finished(config)
+
+
+def test_the_score_is_macro_auroc_or_minus_the_loss():
+    assert score_of(config_of({"select_by": "auroc_macro"}), 0.3, 0.8) == 0.8
+    assert score_of(config_of({"select_by": "auroc_macro"}), 0.3, None) == -0.3  # no label with both classes
+    assert score_of(config_of({"select_by": "loss"}), 0.3, 0.8) == -0.3

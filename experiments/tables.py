@@ -19,9 +19,10 @@ from typing import Any
 
 import yaml
 
-from stages import demo as demo_settings
-from stages import labels as L
-from stages.atomic import atomic_path
+from cxr14 import labels as L
+from cxr14 import params as P
+from cxr14.atomic import atomic_path
+from experiments import demo as demo_settings
 
 CATALOG = Path("tables.yaml")
 ROW_KINDS = ("loss", "micro", "macro", "labels", "binary", "counts")
@@ -97,20 +98,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def apply(params: dict, overrides: dict[str, Any]) -> dict:
-    """params with dotted keys set, as `dvc exp run -S` sets them (mappings are merged, not replaced)."""
-    out = json.loads(json.dumps(params))
-    for key, value in overrides.items():
-        *parents, last = key.split(".")
-        node = out
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[last] = value
-    return out
-
-
 def _exp(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["dvc", "exp", *args], capture_output=True, text=True)
 
@@ -122,7 +109,7 @@ def _same_params(name: str, wanted: dict[str, Any]) -> bool:
         have = dvc.api.params_show(rev=name)
     except Exception:  # the experiment is gone or unreadable: run it again
         return False
-    return apply(have, wanted) == have
+    return P.apply(have, wanted) == have
 
 
 def run(name: str, demo: bool = False, extra: list[str] = ()) -> int:

@@ -18,7 +18,7 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from stages.labels import FINDINGS, split_labels
+from cxr14.labels import FINDINGS, split_labels
 
 
 def draw_patients(metadata: pd.DataFrame, images: int, min_positives: int, max_images_per_patient: int,

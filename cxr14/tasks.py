@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from stages import labels as L
-from stages import params as P
+from cxr14 import labels as L
+from cxr14 import params as P
 
 KINDS = ("multilabel14", "multilabel15", "multilabel14_findings_only", "binary")
 
@@ -34,11 +34,11 @@ class Task:
 
 
 def check(params: dict) -> Task:
-    section = P.Section(params.get("task"), "task")
+    section = P.section(params, "task")
     task = Task(
-        kind=section.choice("kind", KINDS, "multilabel14"),
-        target=L.check_label(section.get("target", "Fibrosis"), "task.target", L.FINDINGS),
-        negatives_per_positive=section.number("negatives_per_positive", 1.0, low=0, low_open=True),
+        kind=section.choice("kind", KINDS),
+        target=L.check_label(section.get("target"), "task.target", L.FINDINGS),
+        negatives_per_positive=section.number("negatives_per_positive", low=0, low_open=True),
     )
     section.finish()
     return task

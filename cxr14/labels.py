@@ -20,7 +20,7 @@ def split_labels(finding_labels: str) -> list[str]:
 
 
 def check_label(name: str, key: str, allowed: tuple[str, ...] = ALL_LABELS) -> str:
-    from stages.params import ParamError
+    from cxr14.params import ParamError
 
     if name not in allowed:
         raise ParamError(key, name, "one of " + ", ".join(allowed))

@@ -1,11 +1,14 @@
 """Reading params.yaml: every stage checks its own sections before doing any work.
 
-A bad value stops the stage with an error that names the key, the value and what is valid;
-a key that no stage reads (a typo) is an error too, not a silent no-op.
+params.yaml is the only place a default lives: the code carries none, so a missing key is an
+error naming it. A bad value stops the stage with an error that names the key, the value and
+what is valid; a key that no stage reads (a typo) is an error too, not a silent no-op.
+Tests, the demo and the tables' smoke scale all make their params as params.yaml + `apply(overrides)`.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,7 +17,6 @@ from typing import Any
 import yaml
 
 PARAMS_FILE = "params.yaml"
-_MISSING = object()
 
 
 class StageError(RuntimeError):
@@ -52,37 +54,35 @@ class Section:
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
-    def get(self, name: str, default: Any = _MISSING) -> Any:
+    def get(self, name: str) -> Any:
         self.read.add(name)
-        if name in self.data:
-            return self.data[name]
-        if default is _MISSING:
-            raise ParamError(self.key(name), None, "a value (the key is missing)")
-        return default
+        if name not in self.data:
+            raise ParamError(self.key(name), None, f"a value: the key is missing (see {PARAMS_FILE} in the repository)")
+        return self.data[name]
 
     def section(self, name: str) -> Section:
-        return Section(self.get(name, {}), self.key(name))
+        return Section(self.get(name), self.key(name))
 
-    def choice(self, name: str, options: Iterable[str], default: Any = _MISSING) -> str:
+    def choice(self, name: str, options: Iterable[str]) -> str:
         options = tuple(options)
-        value = self.get(name, default)
+        value = self.get(name)
         if value not in options:
             raise ParamError(self.key(name), value, "one of " + ", ".join(map(str, options)))
         return value
 
-    def boolean(self, name: str, default: Any = _MISSING) -> bool:
-        value = self.get(name, default)
+    def boolean(self, name: str) -> bool:
+        value = self.get(name)
         if not isinstance(value, bool):
             raise ParamError(self.key(name), value, "true or false")
         return value
 
-    def number(self, name: str, default: Any = _MISSING, *, low: float | None = None, high: float | None = None,
+    def number(self, name: str, *, low: float | None = None, high: float | None = None,
                low_open: bool = False, integer: bool = False) -> float | int:
-        value = self.get(name, default)
-        return check_number(self.key(name), value, low=low, high=high, low_open=low_open, integer=integer)
+        return check_number(self.key(name), self.get(name), low=low, high=high, low_open=low_open, integer=integer)
 
-    def optional_number(self, name: str, default: Any = None, **limits) -> float | int | None:
-        value = self.get(name, default)
+    def optional_number(self, name: str, **limits) -> float | int | None:
+        """A number, or null (the key must still be there)."""
+        value = self.get(name)
         return None if value is None else check_number(self.key(name), value, **limits)
 
     def finish(self) -> None:
@@ -111,5 +111,41 @@ def check_number(key: str, value: Any, *, low: float | None = None, high: float 
     return int(value) if integer else float(value)
 
 
+def section(params: dict, name: str) -> Section:
+    """A top-level section of params.yaml (data, crop, train, ...), which must be there."""
+    if name not in params:
+        raise ParamError(name, None, f"a section: it is missing (see {PARAMS_FILE} in the repository)")
+    return Section(params[name], name)
+
+
 def seed(params: dict) -> int:
-    return int(check_number("seed", params.get("seed", 0), low=0, integer=True))
+    if "seed" not in params:
+        raise ParamError("seed", None, f"a value: the key is missing (see {PARAMS_FILE} in the repository)")
+    return int(check_number("seed", params["seed"], low=0, integer=True))
+
+
+def apply(params: dict, overrides: dict[str, Any]) -> dict:
+    """A copy of `params` with dotted keys set, as `dvc exp run -S key=value` sets them: the last part
+    of the key is replaced (a mapping value too); the sections above it are kept, or made."""
+    out = copy.deepcopy(params)
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[last] = copy.deepcopy(value)
+    return out
+
+
+def flatten(nested: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"epochs": 2}} -> {"train.epochs": 2}; an empty mapping stays a value."""
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out

@@ -92,3 +92,22 @@ def at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "accuracy": (tp + tn) / len(y) if len(y) else 0.0,
     }
+
+
+def print_table(task, result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"test AUROC ({task.kind}, {result['images']} images)")
+    for column in ("label", "positives", "AUROC", "95% CI", "AUPRC"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for name in task.names:
+        ci = result.get("auroc_ci", {}).get(name)
+        table.add_row(name, str(result["positives"][name]), fmt(result["auroc"][name]),
+                      "-" if not ci else f"{ci[0]:.3f}-{ci[1]:.3f}", fmt(result["auprc"][name]))
+    ci = result.get("auroc_macro_ci")
+    table.add_row("macro average", "", fmt(result["auroc_macro"]), "-" if not ci else f"{ci[0]:.3f}-{ci[1]:.3f}",
+                  fmt(result["auprc_macro"]), style="bold")
+    table.add_row("micro average", "", fmt(result["auroc_micro"]), "", "")
+    Console().print(table)

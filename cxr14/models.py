@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from stages import params as P
+from cxr14 import params as P
 
 BACKBONES = ("densenet121", "densenet169", "densenet201", "vgg16", "inception_v3", "resnet50",
              "efficientnet_b0", "resnet18", "mobilenet_v3_small")
@@ -27,17 +27,17 @@ class ModelConfig:
 
 
 def check(params: dict) -> ModelConfig:
-    section = P.Section(params.get("model"), "model")
+    section = P.section(params, "model")
     head = section.section("head")
-    hidden = head.get("hidden", [])
+    hidden = head.get("hidden")
     if not isinstance(hidden, list) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
         raise P.ParamError("model.head.hidden", hidden, "a list of layer sizes such as [256, 50], or [] for one linear layer")
     config = ModelConfig(
         backbone=section.choice("backbone", BACKBONES),
-        pretrained=section.choice("pretrained", PRETRAINED, "imagenet"),
+        pretrained=section.choice("pretrained", PRETRAINED),
         hidden=hidden,
-        dropout=head.number("dropout", 0.0, low=0, high=1),
-        input_size=section.optional_number("input_size", None, low=16, integer=True),
+        dropout=head.number("dropout", low=0, high=1),
+        input_size=section.optional_number("input_size", low=16, integer=True),
     )
     head.finish()
     section.finish()

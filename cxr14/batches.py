@@ -25,9 +25,9 @@ GRAY_MEAN, GRAY_STD = 0.449, 0.226
 
 @dataclass
 class Augment:
-    scale: tuple[float, float] = (0.8, 1.0)  # fraction of the image side kept by the random crop
-    flip: bool = True
-    rotate_degrees: float = 5.0
+    scale: tuple[float, float]  # fraction of the image side kept by the random crop
+    flip: bool
+    rotate_degrees: float
 
 
 def batch_order(count: int, batch_size: int, seed: list[int] | None, rank: int = 0, world: int = 1,

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from stages import labels as L
-from stages import tables
-from stages.atomic import atomic_path
+from cxr14 import labels as L
+from cxr14 import params as P
+from cxr14.atomic import atomic_path
+from experiments import tables
 
 EVALUATE_PLOTS = "plots/evaluate/plots"
 TRAIN_PLOTS = "metrics/train/plots/metrics"
@@ -142,18 +143,8 @@ def run_params(rev: str | None) -> dict:
     if lock.exists():
         for stage in (yaml.safe_load(lock.read_text()).get("stages") or {}).values():
             for values in (stage.get("params") or {}).values():
-                merged = tables.apply(merged, _flatten(values))
+                merged = P.apply(merged, P.flatten(values))
     return merged
-
-
-def _flatten(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def write(rev: str | None = None, out: str | Path = "plots/report.html") -> Path:

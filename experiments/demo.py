@@ -91,8 +91,8 @@ def print_result(name: str) -> None:
     """The per-label test AUROC table of a named experiment, read through DVC."""
     import dvc.api
 
-    from stages import tasks
-    from stages.evaluate import print_table
+    from cxr14 import tasks
+    from cxr14.metrics import print_table
 
     result = json.loads(dvc.api.read("metrics/evaluate.json", rev=name))
     print_table(tasks.check(dvc.api.params_show(rev=name)), result)

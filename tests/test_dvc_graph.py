@@ -1,0 +1,89 @@
+"""dvc.yaml tells the truth: each stage's code deps are exactly the project files its module imports,
+no stage imports another, and imports flow one way (stages -> library; tools -> library)."""
+
+import copy
+
+import pytest
+import yaml
+
+from cxr14 import imports
+
+from .conftest import REPO
+
+DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
+STAGES = list(DVC_YAML["stages"])
+PIPELINE = [f"stages/{name}.py" for name in STAGES]
+
+
+def code_deps(dvc_yaml: dict, stage: str) -> set[str]:
+    return {dep for dep in dvc_yaml["stages"][stage]["deps"] if isinstance(dep, str) and dep.endswith(".py")}
+
+
+def mismatches(dvc_yaml: dict) -> dict[str, dict[str, list[str]]]:
+    """For each stage whose code deps differ from its imports: what dvc.yaml misses and what it lists in excess."""
+    out = {}
+    for stage in dvc_yaml["stages"]:
+        imported, listed = set(imports.project_files(f"stages.{stage}")), code_deps(dvc_yaml, stage)
+        if imported != listed:
+            out[stage] = {"missing": sorted(imported - listed), "extra": sorted(listed - imported)}
+    return out
+
+
+def test_the_pipeline_has_the_seven_stages_in_order():
+    assert STAGES == ["download", "filter", "crop", "split", "resample", "train", "evaluate"]
+    for stage in STAGES:
+        assert f"-m stages.{stage}" in DVC_YAML["stages"][stage]["cmd"]
+
+
+def test_every_stage_lists_exactly_the_code_it_imports():
+    assert mismatches(DVC_YAML) == {}
+
+
+def test_the_check_fails_when_a_dep_is_removed_or_added():
+    broken = copy.deepcopy(DVC_YAML)
+    broken["stages"]["split"]["deps"].remove("cxr14/labels.py")
+    broken["stages"]["filter"]["deps"].append("cxr14/models.py")
+    assert mismatches(broken) == {"split": {"missing": ["cxr14/labels.py"], "extra": []},
+                                  "filter": {"missing": [], "extra": ["cxr14/models.py"]}}
+
+
+def test_the_labels_module_is_a_dep_of_every_stage_that_reads_labels():
+    users = {stage for stage in STAGES if "cxr14/labels.py" in code_deps(DVC_YAML, stage)}
+    # download: the synthetic generator draws a sign per finding
+    assert users == {"download", "split", "resample", "train", "evaluate"}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_stage_imports_another_stage(stage):
+    imported = set(imports.project_files(f"stages.{stage}"))
+    assert imported & set(PIPELINE) == {f"stages/{stage}.py"}
+
+
+def test_the_library_imports_neither_stages_nor_tools():
+    for module in sorted((REPO / "cxr14").glob("*.py")):
+        imported = imports.project_files(f"cxr14.{module.stem}")
+        assert not [f for f in imported if not f.startswith("cxr14/")], module.name
+
+
+def test_the_tools_import_no_stage_module():
+    for module in sorted((REPO / "experiments").glob("*.py")):
+        imported = imports.project_files(f"experiments.{module.stem}")
+        assert not set(imported) & set(PIPELINE), module.name
+
+
+def test_imports_are_found_wherever_they_are_written(tmp_path):
+    """Function-local, relative and `from package import module` imports all count; other packages do not."""
+    for name, text in {
+        "stages/__init__.py": "",
+        "stages/one.py": "import os\nfrom cxr14 import helper as h\n\ndef f():\n    from cxr14.deep import thing\n",
+        "cxr14/__init__.py": "",
+        "cxr14/helper.py": "from . import sibling\n",
+        "cxr14/sibling.py": "import numpy\n",
+        "cxr14/deep/__init__.py": "thing = 1\n",
+        "cxr14/unused.py": "",
+    }.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert imports.project_files("stages.one", tmp_path) == [
+        "cxr14/__init__.py", "cxr14/deep/__init__.py", "cxr14/helper.py", "cxr14/sibling.py",
+        "stages/__init__.py", "stages/one.py"]
