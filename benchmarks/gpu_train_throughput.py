@@ -80,7 +80,7 @@ def model_only_throughput(args) -> float:
     from cxr14 import models, runtime
 
     run = runtime.decide(args.device, "auto")  # as the stage decides: bf16 and channels_last on CUDA
-    config = models.ModelConfig(args.backbone, "none", [256, 50], 0.1, None)
+    config = models.ModelConfig(args.backbone, "none", "replace_last", [256, 50], 0.1, None)
     size = models.input_size(config, args.size)
     net = run.place(models.create_model(config, 14, size))
     net = torch.compile(net) if args.compile else net

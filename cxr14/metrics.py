@@ -68,8 +68,11 @@ def bootstrap_auroc(y: np.ndarray, p: np.ndarray, patients: np.ndarray, rounds: 
     return {"per_label": [interval(per_label[:, j]) for j in range(y.shape[1])], "macro": interval(macro)}
 
 
-def choose_threshold(y: np.ndarray, p: np.ndarray, rule: str = "f1") -> float:
-    """A decision threshold from the validation part: best F1, or where precision meets recall."""
+def choose_threshold(y: np.ndarray, p: np.ndarray, rule: str | float) -> float:
+    """A decision threshold: a fixed number as given, or from the validation part: best F1, or where
+    precision meets recall."""
+    if not isinstance(rule, str):
+        return float(rule)
     if not y.any():
         return 0.5
     precision, recall, thresholds = precision_recall_curve(y, p)

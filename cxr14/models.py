@@ -14,6 +14,7 @@ from cxr14 import params as P
 BACKBONES = ("densenet121", "densenet169", "densenet201", "vgg16", "inception_v3", "resnet50",
              "efficientnet_b0", "resnet18", "mobilenet_v3_small")
 PRETRAINED = ("imagenet", "none")
+TOPS = ("replace_last", "pooled")
 INCEPTION_SIZE = 299
 
 
@@ -21,6 +22,7 @@ INCEPTION_SIZE = 299
 class ModelConfig:
     backbone: str
     pretrained: str
+    top: str  # replace_last | pooled (see create_model)
     hidden: list[int]
     dropout: float
     input_size: int | None  # None: the packed array's size (299 for inception_v3)
@@ -35,6 +37,7 @@ def check(params: dict) -> ModelConfig:
     config = ModelConfig(
         backbone=section.choice("backbone", BACKBONES),
         pretrained=section.choice("pretrained", PRETRAINED),
+        top=section.choice("top", TOPS),
         hidden=hidden,
         dropout=head.number("dropout", low=0, high=1),
         input_size=section.optional_number("input_size", low=16, integer=True),
@@ -78,16 +81,30 @@ def head(features: int, hidden: list[int], dropout: float, outputs: int) -> nn.S
 
 
 def create_model(config: ModelConfig, outputs: int, size: int = INCEPTION_SIZE) -> nn.Module:
-    """The backbone with its classifier replaced by the head; `size` is the input side (see inception_v3)."""
+    """The backbone with the head on top; `size` is the input side (see inception_v3).
+
+    top replace_last: torchvision's classifier with its last Linear replaced by the head (VGG16 keeps
+    its two 4096-wide layers). top pooled: the whole classifier replaced by the head on the globally
+    average-pooled conv features, as Keras' include_top=False, pooling='avg' (VGG16: 512 features).
+    For the backbones whose classifier is one Linear on pooled features (DenseNets, ResNets,
+    InceptionV3) the two are the same network."""
     weights = imagenet_weights(config.backbone) if config.pretrained == "imagenet" else None
     extra = {}
     if config.backbone == "inception_v3":
         # Its auxiliary head (a second loss in training) is sized for 299 px; smaller inputs train without it.
         extra = {"aux_logits": size >= INCEPTION_SIZE, "init_weights": weights is None}
     model = torchvision.models.get_model(config.backbone, weights=weights, **extra)
-    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    setattr(parent, name.rpartition(".")[2], head(last.in_features, config.hidden, config.dropout, outputs))
+    if config.top == "pooled" and hasattr(model, "classifier"):
+        if config.backbone == "vgg16":  # its 7x7 pooling feeds fc6; global pooling feeds the head instead
+            model.avgpool = nn.AdaptiveAvgPool2d(1)
+            features = [m for m in model.features if isinstance(m, nn.Conv2d)][-1].out_channels
+        else:
+            features = next(m for m in model.classifier.modules() if isinstance(m, nn.Linear)).in_features
+        model.classifier = head(features, config.hidden, config.dropout, outputs)
+    else:
+        name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], head(last.in_features, config.hidden, config.dropout, outputs))
     if config.backbone == "inception_v3" and model.AuxLogits is not None:
         model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, outputs)
     return model

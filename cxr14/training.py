@@ -20,6 +20,7 @@ from cxr14.batches import Augment, Batches, prepare
 from cxr14.runtime import Runtime
 
 OPTIMIZERS = ("adam", "sgd", "adam_then_sgd")
+CLASS_WEIGHTING = ("per_label", "keras")
 SCHEDULES = ("plateau", "cosine", "none")
 SELECT_BY = ("auroc_macro", "loss")
 
@@ -43,6 +44,7 @@ class TrainConfig:
     plateau_patience: int
     early_stopping_patience: int | None
     class_weights: dict[str, float]
+    class_weighting: str  # per_label | keras
     pos_weight: str
     augment: Augment | None
     select_by: str
@@ -115,8 +117,17 @@ def loss_weights(task: tasks.Task, config: TrainConfig, y_train: np.ndarray, dev
     return weights, pos_weight
 
 
-def loss_fn(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, pos_weight) -> torch.Tensor:
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, pos_weight,
+            weighting: str = "per_label") -> torch.Tensor:
+    """Binary cross-entropy averaged over labels and images, with class weights applied as `weighting` says:
+
+    per_label: each label's term times its label's weight.
+    keras: each image's mean loss times one weight, that of its argmax label, which on multi-hot targets is
+    its first positive label (label 0 for an image with none): what Keras' `class_weight` does with them.
+    """
     per_label = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight, reduction="none")
+    if weighting == "keras":
+        return (per_label.mean(dim=1) * weights[y.argmax(dim=1)]).mean()
     return (per_label * weights).mean()
 
 

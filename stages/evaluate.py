@@ -31,13 +31,26 @@ def check(params: dict) -> tuple[tasks.Task, dict]:
     section = P.section(params, "evaluate")
     config = {
         "bootstrap": section.number("bootstrap", low=0, integer=True),
-        "threshold": section.choice("threshold", THRESHOLD_RULES),
+        "threshold": threshold_rule(section.get("threshold")),
         "batch_size": section.number("batch_size", low=1, integer=True),
         "device": section.choice("device", DEVICES),
         "seed": P.seed(params),
     }
     section.finish()
     return task, config
+
+
+def threshold_rule(value) -> str | float:
+    """evaluate.threshold: a rule that picks each label's threshold on validation, or one fixed number."""
+    if value in THRESHOLD_RULES:
+        return value
+    valid = "one of " + ", ".join(THRESHOLD_RULES) + ", or a fixed threshold between 0 and 1 such as 0.91"
+    if isinstance(value, str):
+        raise P.ParamError("evaluate.threshold", value, valid)
+    try:
+        return P.check_number("evaluate.threshold", value, low=0, high=1, low_open=True)
+    except P.ParamError:
+        raise P.ParamError("evaluate.threshold", value, valid) from None
 
 
 def load_model(path: Path, task: tasks.Task, device: str) -> tuple[torch.nn.Module, int, Runtime]:

@@ -2,8 +2,11 @@
 
 - `random`: image level, as the report did (patients leak across parts; the metrics say by how much).
 - `patient`: grouped by patient (the default), optionally stratified by each patient's rarest label.
-- `official`: NIH's train_val / test lists, with a patient-grouped validation part carved out of train_val.
-`split.fraction` first keeps a patient-grouped subset (the report's 10% runs).
+- `official`: NIH's train_val / test lists, with a patient-grouped validation part carved out of
+  train_val; with image counts in `split.sizes`, each part is exactly that many images, drawn by
+  patient within its list (the report's findings-only table: 32,400 / 3,620 / 15,731).
+`split.drop_no_finding` first drops the images labelled only No Finding; `split.fraction` then keeps a
+patient-grouped subset (the report's 10% runs).
 Outputs: data/split/{train,val,test}.csv, metrics/split.json.
 """
 
@@ -28,7 +31,9 @@ METHODS = ("random", "patient", "official")
 class SplitConfig:
     method: str
     sizes: list[float]  # fractions summing to 1, or image counts
+    counts: bool        # sizes are image counts
     val_fraction: float
+    drop_no_finding: bool
     fraction: float
     stratify: bool
     seed: int
@@ -45,11 +50,12 @@ def check(params: dict) -> SplitConfig:
     counts = all(isinstance(s, int) for s in sizes) and sum(sizes) > 1
     if not counts and abs(sum(sizes) - 1) > 1e-6:
         raise P.ParamError("split.sizes", sizes, valid)
-    if counts and method != "random":
-        raise P.ParamError("split.sizes", sizes, f"fractions for split.method {method} (image counts only with random)")
+    if counts and method == "patient":
+        raise P.ParamError("split.sizes", sizes, "fractions for split.method patient (image counts with random or official)")
     config = SplitConfig(
-        method=method, sizes=sizes,
+        method=method, sizes=sizes, counts=counts,
         val_fraction=section.number("val_fraction", low=0, high=1, low_open=True),
+        drop_no_finding=section.boolean("drop_no_finding"),
         fraction=section.number("fraction", low=0, high=1, low_open=True),
         stratify=section.boolean("stratify"),
         seed=P.seed(params),
@@ -94,13 +100,50 @@ def subset_patients(index: pd.DataFrame, fraction: float, rng: np.random.Generat
     return index[index["patient_id"].isin(keep)]
 
 
+def draw_exact(patients: pd.Series, count: int, rng: np.random.Generator, part: str) -> np.ndarray:
+    """Patients (index) whose images (values: images per patient) add up to exactly `count`, in a seeded
+    random order. The smaller side is filled (what to take, or what to leave out), patient by patient,
+    skipping any that would overshoot: one-image patients, plentiful in NIH, close the gap."""
+    total = int(patients.sum())
+    if count > total:
+        raise P.ParamError("split.sizes", count, f"at most the {total} images there are for the {part} part")
+    take = count <= total - count
+    need = count if take else total - count
+    order = rng.permutation(np.sort(patients.index.to_numpy()))
+    chosen = []
+    for pid in order:
+        if need == 0:
+            break
+        if patients[pid] <= need:
+            chosen.append(pid)
+            need -= int(patients[pid])
+    if need:
+        raise P.ParamError("split.sizes", count, f"a count that whole patients can make up for the {part} part "
+                           f"(the closest reached: {count - need if take else count + need})")
+    return np.asarray(chosen if take else sorted(set(order) - set(chosen)))
+
+
+def official_counts(index: pd.DataFrame, sizes: list[int], rng: np.random.Generator) -> np.ndarray:
+    """Part number (0 train, 1 val, 2 test, -1 unused) of each image: exact counts within the official lists."""
+    test = index["image"].isin(md.read_official_split()["test"]).to_numpy()
+    per_patient = index.groupby("patient_id").size()
+    train_val = per_patient.loc[np.unique(index.loc[~test, "patient_id"])]
+    val = draw_exact(train_val, sizes[1], rng, "val")
+    train = draw_exact(train_val.drop(val), sizes[0], rng, "train")
+    test_patients = draw_exact(per_patient.loc[np.unique(index.loc[test, "patient_id"])], sizes[2], rng, "test")
+    pid = index["patient_id"]
+    return np.select([test & pid.isin(test_patients), ~test & pid.isin(val), ~test & pid.isin(train)], [2, 1, 0], -1)
+
+
 def split(index: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
     rng = np.random.default_rng([config.seed, 4])
+    if config.drop_no_finding:
+        index = index[index["labels"] != L.NO_FINDING]
     index = subset_patients(index, config.fraction, rng)
     strata = patient_strata(index) if config.stratify and config.method != "random" else None  # random: no groups
     if config.method == "random":
         order = rng.permutation(len(index))
-        if all(isinstance(s, int) for s in config.sizes) and sum(config.sizes) > 1:
+        if config.counts:
             if sum(config.sizes) > len(index):
                 raise P.ParamError("split.sizes", config.sizes,
                                    f"image counts that add up to at most the {len(index)} images there are")
@@ -114,6 +157,8 @@ def split(index: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
     elif config.method == "patient":
         where = assign_patients(pd.Series(np.sort(index["patient_id"].unique())), config.sizes, rng, strata)
         part = index["patient_id"].map(where).to_numpy()
+    elif config.counts:
+        part = official_counts(index, config.sizes, rng)
     else:
         official = md.read_official_split()
         test = index["image"].isin(official["test"]).to_numpy()

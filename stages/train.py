@@ -31,6 +31,7 @@ from cxr14.atomic import atomic_path, read_csv
 from cxr14.batches import Augment, Batches, batch_order
 from cxr14.runtime import DEVICES, PRECISIONS, Runtime, decide, predict
 from cxr14.training import (
+    CLASS_WEIGHTING,
     OPTIMIZERS,
     SCHEDULES,
     SELECT_BY,
@@ -83,6 +84,7 @@ def check(params: dict) -> tuple[tasks.Task, models.ModelConfig, TrainConfig]:
         plateau_patience=schedule.number("patience", low=0, integer=True),
         early_stopping_patience=s.optional_number("early_stopping_patience", low=1, integer=True),
         class_weights={k: float(v) for k, v in class_weights.items()},
+        class_weighting=s.choice("class_weighting", CLASS_WEIGHTING),
         pos_weight=s.choice("pos_weight", ("none", "auto")),
         augment=augmentation if augment.boolean("enabled") else None,
         select_by=s.choice("select_by", SELECT_BY),
@@ -133,7 +135,7 @@ def fit(params: dict, images_path: Path, train_csv: Path, val_csv: Path, out: Pa
     run = build_or_resume(task, model_config, config, runtime, parts, out / CHECKPOINT_FILE, stamp, log)
     live = Live(str(live_dir), resume=run.resumed, save_dvc_exp=False, dvcyaml=None) if runtime.lead else None
     weights, pos_weight = loss_weights(task, config, parts.y_train, runtime.device)
-    loss_of = partial(loss_fn, weights=weights, pos_weight=pos_weight)
+    loss_of = partial(loss_fn, weights=weights, pos_weight=pos_weight, weighting=config.class_weighting)
     generator = torch.Generator(device=runtime.device)
     val_batches = Batches(parts.images, parts.val["row"].to_numpy(), parts.y_val,
                           batch_order(len(parts.val), config.batch_size, None), runtime.device)

@@ -57,6 +57,24 @@ def test_binary_reports_the_confusion_matrix_and_scores(trained):
     assert (trained / "plots/evaluate/plots/custom/threshold.json").exists()
 
 
+def test_a_fixed_threshold_is_used_as_given(trained):
+    result = run(trained, {"task": {"kind": "binary", "target": "Effusion"}, "train": {"epochs": 1},
+                           "evaluate": {"threshold": 0.91}})
+    assert result["binary"]["threshold"] == 0.91
+    predictions = pd.read_csv(trained / "data/evaluate/predictions.csv")
+    positive = predictions["labels"].str.contains("Effusion")
+    predicted = predictions["p_Effusion"] >= 0.91
+    assert result["binary"]["confusion"] == {"tn": int((~positive & ~predicted).sum()), "fp": int((~positive & predicted).sum()),
+                                             "fn": int((positive & ~predicted).sum()), "tp": int((positive & predicted).sum())}
+
+
+@pytest.mark.parametrize("value", ["best", 0, 1.5, True])
+def test_a_threshold_is_a_rule_or_a_number_in_zero_one(value):
+    with pytest.raises(ParamError) as caught:
+        evaluate.threshold_rule(value)
+    assert caught.value.key == "evaluate.threshold" and "0.91" in str(caught.value)
+
+
 def test_top_label_confusion_pairs_each_true_label_with_the_top_prediction():
     y = np.array([[1, 0, 1], [0, 1, 0]])
     p = np.array([[0.1, 0.7, 0.2], [0.3, 0.2, 0.1]])

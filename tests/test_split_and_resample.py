@@ -57,6 +57,33 @@ def test_official_split_keeps_nih_test_list_and_carves_validation_by_patient(pro
     assert len(parts["val"]) > 0
 
 
+def test_official_split_takes_exact_counts_by_patient_within_each_list(project, index):
+    official = metadata.read_official_split()
+    in_test = index["image"].isin(official["test"])
+    sizes = [int((~in_test).sum()) - 700, 600, int(in_test.sum()) - 3]  # nearly all: the hard case for whole patients
+    parts = run_split(project, index, {"method": "official", "sizes": sizes})
+    assert [len(parts[p]) for p in split.PARTS] == sizes
+    assert set(parts["test"]["image"]) <= official["test"]
+    assert set(parts["train"]["image"]) | set(parts["val"]["image"]) <= official["train_val"]
+    assert patients_in_several(parts) == 0
+    for rows in parts.values():  # whole patients: every image of a drawn patient is in its part
+        assert rows.groupby("patient_id").size().equals(index[index["patient_id"].isin(rows["patient_id"])]
+                                                        .groupby("patient_id").size())
+
+
+def test_official_counts_beyond_a_list_name_the_key(project, index):
+    with pytest.raises(ParamError) as caught:
+        run_split(project, index, {"method": "official", "sizes": [100, 100, len(index)]})
+    assert caught.value.key == "split.sizes" and "for the test part" in str(caught.value)
+
+
+def test_no_finding_images_can_be_dropped_before_splitting(project, index):
+    parts = run_split(project, index, {"method": "official", "drop_no_finding": True})
+    kept = pd.concat(parts.values())
+    assert not (kept["labels"] == labels.NO_FINDING).any()
+    assert len(kept) == (index["labels"] != labels.NO_FINDING).sum()
+
+
 def test_fraction_keeps_whole_patients(project, index):
     parts = run_split(project, index, {"method": "patient", "fraction": 0.1})
     kept = pd.concat(parts.values())

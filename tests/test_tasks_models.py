@@ -44,9 +44,10 @@ def test_binary_training_set_is_all_positives_plus_negatives_per_positive():
     assert len(tasks.select(rows, task("binary"), "test", seed=0)) == len(rows)  # test keeps everything
 
 
-@pytest.mark.parametrize("backbone", models.BACKBONES)
-def test_every_backbone_builds_and_trains_one_step(backbone):
-    config = models.ModelConfig(backbone, "none", [16, 8], 0.1, None)
+@pytest.mark.parametrize("backbone, top", [(b, "replace_last") for b in models.BACKBONES] + [
+    (b, "pooled") for b in ("vgg16", "efficientnet_b0", "mobilenet_v3_small")])  # where pooled is another network
+def test_every_backbone_builds_and_trains_one_step(backbone, top):
+    config = models.ModelConfig(backbone, "none", top, [16, 8], 0.1, None)
     size = models.input_size(config, 40)
     net = models.create_model(config, 14, size)
     x = torch.randint(0, 255, (2, 1, 40, 40), dtype=torch.uint8)
@@ -61,13 +62,13 @@ def test_every_backbone_builds_and_trains_one_step(backbone):
 
 
 def test_inception_defaults_to_299_and_trains_without_its_auxiliary_head_below():
-    assert models.input_size(models.ModelConfig("inception_v3", "none", [], 0.0, None), 64) == 299
+    assert models.input_size(models.ModelConfig("inception_v3", "none", "replace_last", [], 0.0, None), 64) == 299
     with pytest.raises(ParamError, match="at least 75 pixels for inception_v3"):
-        models.input_size(models.ModelConfig("inception_v3", "none", [], 0.0, 64), 64)
-    small = models.create_model(models.ModelConfig("inception_v3", "none", [], 0.0, 96), 14, 96).train()
+        models.input_size(models.ModelConfig("inception_v3", "none", "replace_last", [], 0.0, 64), 64)
+    small = models.create_model(models.ModelConfig("inception_v3", "none", "replace_last", [], 0.0, 96), 14, 96).train()
     out = small(torch.zeros(2, 3, 96, 96))
     assert not isinstance(out, tuple) and out.shape == (2, 14)
-    assert models.create_model(models.ModelConfig("inception_v3", "none", [], 0.0, None), 14, 299).AuxLogits is not None
+    assert models.create_model(models.ModelConfig("inception_v3", "none", "replace_last", [], 0.0, None), 14, 299).AuxLogits is not None
 
 
 def test_head_layers_follow_the_report():
@@ -81,7 +82,7 @@ def test_head_layers_follow_the_report():
 def test_imagenet_weights_missing_says_where_to_put_them(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(ParamError) as caught:
-        models.create_model(models.ModelConfig("densenet121", "imagenet", [], 0.0, None), 14)
+        models.create_model(models.ModelConfig("densenet121", "imagenet", "replace_last", [], 0.0, None), 14)
     message = str(caught.value)
     assert "densenet121-a639ec97.pth" in message and str(tmp_path / "checkpoints") in message
     assert "model.pretrained: none" in message
@@ -92,3 +93,23 @@ def test_gray_input_reaches_the_model_as_three_normalized_channels():
     out = prepare(x, 8, None, None)
     assert out.shape == (2, 3, 8, 8)
     assert torch.allclose(out, torch.full_like(out, (1 - 0.449) / 0.226))
+
+
+def test_vgg16_pooled_is_keras_include_top_false_with_the_head_on_512_pooled_features():
+    pooled = models.create_model(models.ModelConfig("vgg16", "none", "pooled", [256, 50], 0.0, None), 14, 64)
+    linears = [m for m in pooled.classifier.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(512, 256), (256, 50), (50, 14)]
+    assert isinstance(pooled.avgpool, torch.nn.AdaptiveAvgPool2d) and pooled.avgpool.output_size == 1
+
+
+def test_vgg16_replace_last_keeps_torchvisions_4096_wide_layers():
+    kept = models.create_model(models.ModelConfig("vgg16", "none", "replace_last", [256, 50], 0.0, None), 14, 64)
+    linears = [(m.in_features, m.out_features) for m in kept.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == [(25088, 4096), (4096, 4096), (4096, 256), (256, 50), (50, 14)]
+
+
+def test_densenet_is_the_same_network_either_way():
+    shapes = [[tuple(p.shape) for p in models.create_model(
+        models.ModelConfig("densenet121", "none", top, [256, 50], 0.0, None), 14, 64).parameters()]
+        for top in models.TOPS]
+    assert shapes[0] == shapes[1]

@@ -91,6 +91,18 @@ def test_class_weights_scale_each_label_loss_as_by_hand():
     assert not torch.allclose(train.loss_fn(logits, y, torch.ones(3), None), by_hand.mean())
 
 
+def test_keras_class_weights_weigh_each_image_by_its_first_positive_label():
+    logits = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.0, -0.5], [-0.3, 0.2, 0.9], [0.1, 0.1, 0.1]])
+    y = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    weights = torch.tensor([2.0, 14.0, 0.5])
+    p = torch.sigmoid(logits)
+    per_image = (-(y * torch.log(p) + (1 - y) * torch.log(1 - p))).mean(dim=1)
+    # argmax of each multi-hot row: label 1, label 0, label 2, and label 0 for the all-negative row
+    by_hand = (per_image * torch.tensor([14.0, 2.0, 0.5, 2.0])).mean()
+    assert torch.allclose(train.loss_fn(logits, y, weights, None, "keras"), by_hand)
+    assert not torch.allclose(train.loss_fn(logits, y, weights, None, "per_label"), by_hand)
+
+
 def test_pos_weight_auto_is_negatives_over_positives():
     task = train.tasks.Task("binary", "Fibrosis", 1.0)
     config = train.check(params_with({"task": {"kind": "binary"}, "train": {"pos_weight": "auto"}}))[2]
