@@ -2,7 +2,8 @@
 
     cxr table list
     cxr table run NAME [--demo] [-S key=value ...]   # one `dvc exp run --temp -n NAME-COLUMN` per column
-    cxr table show NAME                              # markdown on the terminal, plots/tables/NAME.{md,html}
+    cxr table show NAME [--why]                      # markdown on the terminal, plots/tables/NAME.{md,html};
+                                                     # --why: where each setting comes from
 
 Columns run one after another; a failed column is reported and the rest still run; a column whose
 experiment already exists with the same params is not run again. Stages that a column shares with
@@ -25,8 +26,12 @@ from cxr14.atomic import atomic_path
 from experiments import demo as demo_settings
 
 CATALOG = Path("tables.yaml")
-ROW_KINDS = ("loss", "micro", "macro", "labels", "binary", "counts")
+ROW_KINDS = ("loss", "micro", "macro", "labels", "binary", "counts", "images")
 BINARY_ROWS = ("threshold", "tn", "fp", "fn", "tp", "accuracy", "precision", "recall", "f1", "auroc")
+# What sets the data's scale: under --demo the demo's values win even over a column's (the smoke-scale
+# synthetic set has ~3,000 images, not the report's 32,400 / 3,620 / 15,731).
+DEMO_SCALE = ("split.fraction", "split.sizes")
+SAME_RUN = "same_run_as"
 
 
 @dataclass
@@ -36,7 +41,11 @@ class Column:
     set: dict[str, Any] = field(default_factory=dict)
     demo: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
-    reference: bool = False
+    reference: bool = False  # figures only (e.g. the CheXNet paper): never run
+    why: dict[str, str] = field(default_factory=dict)  # set's keys (and same_run_as): where each comes from
+    ours: bool = False  # a column this repo adds: the report has no such column
+    same_run_as: str | None = None  # "table/column": the report's figures show both are one run
+    reuses: tuple[Table, Column] | None = field(default=None, repr=False)  # same_run_as, resolved by load()
 
 
 @dataclass
@@ -47,6 +56,9 @@ class Table:
     rows: list[str]
     set: dict[str, Any]
     columns: list[Column]
+    why: dict[str, str] = field(default_factory=dict)  # set's keys: where each comes from
+    notes: list[str] = field(default_factory=list)  # what the report leaves unstated, what a column reuses
+    contradictions: list[str] = field(default_factory=list)  # where the report disagrees with itself
 
     def experiment(self, column: Column) -> str:
         return f"{self.name}-{column.name}"
@@ -56,35 +68,91 @@ class Table:
         return [c for c in self.columns if not c.reference]
 
 
-def load(path: Path = CATALOG) -> dict[str, Table]:
-    raw = yaml.safe_load(Path(path).read_text())
+def load(path: Path | None = None) -> dict[str, Table]:
+    path = Path(path or CATALOG)
+    raw = yaml.safe_load(path.read_text())
     tables = {}
     for name, entry in raw.items():
         columns = [Column(**column) for column in entry["columns"]]
         table = Table(name=name, title=entry["title"], task=entry["task"], rows=entry["rows"],
-                      set=entry.get("set") or {}, columns=columns)
+                      set=entry.get("set") or {}, columns=columns, why=entry.get("why") or {},
+                      notes=entry.get("notes") or [], contradictions=entry.get("contradictions") or [])
         unknown = set(table.rows) - set(ROW_KINDS)
         if unknown:
             raise ValueError(f"{path}: table {name}: unknown rows {sorted(unknown)}; valid: {', '.join(ROW_KINDS)}")
+        _check_why(f"{path}: table {name}", table.set, table.why)
         for column in columns:
             auroc = column.report.get("auroc")
             if auroc is not None and len(auroc) != len(L.FINDINGS):
                 raise ValueError(f"{path}: {name}/{column.name}: report.auroc has {len(auroc)} values, not 14")
+            _check_why(f"{path}: {name}/{column.name}", column.set, column.why, column.same_run_as)
         tables[name] = table
+    for table in tables.values():
+        for column in table.columns:
+            if column.same_run_as:
+                column.reuses = _resolve(tables, f"{path}: {table.name}/{column.name}", column.same_run_as)
     return tables
+
+
+def _check_why(where: str, settings: dict, why: dict, same_run_as: str | None = None) -> None:
+    """Every setting says where it comes from (the report's words, or 'ours: ...'), and nothing else does."""
+    wanted = set(settings) | ({SAME_RUN} if same_run_as else set())
+    missing = sorted(k for k in wanted if not str(why.get(k) or "").strip())
+    if missing:
+        raise ValueError(f"{where}: no provenance for {', '.join(missing)}: add why: {{{missing[0]}: "
+                         "\"the report's words\" or \"ours: ...\"}")
+    stale = sorted(set(why) - wanted)
+    if stale:
+        raise ValueError(f"{where}: why names {', '.join(stale)}, which it does not set")
+
+
+def _resolve(tables: dict[str, Table], where: str, target: str) -> tuple[Table, Column]:
+    table_name, _, column_name = target.partition("/")
+    table = tables.get(table_name)
+    column = next((c for c in table.columns if c.name == column_name), None) if table else None
+    if column is None or column.reference:
+        raise ValueError(f"{where}: same_run_as {target!r} is not a run column of the catalog (TABLE/COLUMN)")
+    if column.same_run_as:
+        raise ValueError(f"{where}: same_run_as {target!r}, which is itself the run of {column.same_run_as}: "
+                         "name that one")
+    return table, column
 
 
 def settings(table: Table, column: Column, demo: bool = False, extra: dict | None = None) -> dict[str, Any]:
     """The -S overrides of one column, later ones winning: the table's, the demo's (the table's shared
-    settings shrink to smoke scale), the column's own (what the table compares), the user's."""
-    merged = dict(table.set)
+    settings shrink to smoke scale), the column's own (what the table compares), the demo's data scale
+    (DEMO_SCALE), the column's demo, the user's. A column that is the same run as another
+    (same_run_as) starts from that one's settings: its table's as shared, its column's as its own."""
+    reused_table, reused = column.reuses or (None, None)
+    merged = {**(reused_table.set if reused_table else {}), **table.set}
     if demo:
         merged.update(demo_settings.DEMO)
-    merged.update(column.set)
+    merged.update({**(reused.set if reused else {}), **column.set})
     if demo:
-        merged.update(column.demo)
+        merged.update({k: demo_settings.DEMO[k] for k in DEMO_SCALE if k in demo_settings.DEMO})
+        merged.update({**(reused.demo if reused else {}), **column.demo})
     merged.update(extra or {})
     return merged
+
+
+def provenance(table: Table) -> str:
+    """Where each setting of the table comes from: the report's words, or this repo's choice."""
+    def lines(settings: dict, why: dict, indent: str) -> list[str]:
+        return [f"{indent}{key} = {json.dumps(value)}    # {why[key]}" for key, value in settings.items()]
+
+    out = [f"{table.name}: where each setting comes from (everything else: params.yaml)", "  every column:"]
+    out += lines(table.set, table.why, "    ") or ["    (nothing)"]
+    for column in table.columns:
+        mark = " [reference: figures only, not run]" if column.reference else " [ours: not in the report]" * column.ours
+        out.append(f"  {column.name} ({column.title}){mark}:")
+        if column.same_run_as:
+            out.append(f"    the same run as {column.same_run_as}, with its settings (`cxr table show "
+                       f"{column.same_run_as.partition('/')[0]} --why`)    # {column.why[SAME_RUN]}")
+        out += lines(column.set, column.why, "    ")
+        if not column.set and not column.same_run_as and not column.reference:
+            out.append("    (only the table's settings)")
+    out += [f"  note: {note}" for note in table.notes]
+    return "\n".join(out) + "\n"
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -187,6 +255,8 @@ def row_names(table: Table) -> list[tuple[str, str]]:
             rows += [("binary", n) for n in BINARY_ROWS]
         elif kind == "counts":
             rows += [("counts", n) for n in L.ALL_LABELS]
+        elif kind == "images":
+            rows.append(("images", "Training images"))
         else:
             rows.append((kind, kind))
     return rows
@@ -207,6 +277,8 @@ def measured(kind: str, key: str, result: dict | None):
         return binary.get("confusion", {}).get(key, binary.get(key))
     if kind == "counts":
         return ((result["resample"].get("labels") or {}).get(key) or {}).get("after")
+    if kind == "images":
+        return result["resample"].get("images_after")
     return None
 
 
@@ -222,6 +294,15 @@ def reported(kind: str, key: str, column: Column):
     return report.get(kind)
 
 
+def _reported_cell(kind: str, key: str, column: Column) -> str:
+    """The report's figure in brackets; a binary figure that its own confusion matrix contradicts gets both."""
+    old = reported(kind, key, column)
+    if old is None:
+        return ""
+    derived = (column.report.get("binary_from_matrix") or {}).get(key) if kind == "binary" else None
+    return f" ({_fmt(old, kind)}" + (f"; its matrix: {_fmt(derived, kind)}" if derived is not None else "") + ")"
+
+
 def _fmt(value, kind: str = "") -> str:
     if value is None:
         return "-"
@@ -231,20 +312,22 @@ def _fmt(value, kind: str = "") -> str:
 
 
 def markdown(table: Table, found: dict[str, dict | None]) -> str:
-    header = ["", *[c.title for c in table.columns]]
+    header = ["", *[c.title + (" [ours: not in the report]" if c.ours else "") for c in table.columns]]
     lines = [f"### {table.title}", "", "Each cell: this repo's figure (the report's in brackets).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for kind, key in row_names(table):
-        label = {"loss": "Loss", "micro": "Micro average AUROC", "macro": "Macro average AUROC"}.get(kind, key)
+        label = {"loss": "Loss", "micro": "Micro average AUROC", "macro": "Macro average AUROC",
+                 "counts": f"{key} (training images)"}.get(kind, key)
         cells = []
         for column in table.columns:
             new = None if column.reference else measured(kind, key, found.get(column.name))
-            old = reported(kind, key, column)
-            cells.append(_fmt(new, kind) + (f" ({_fmt(old, kind)})" if old is not None else ""))
+            cells.append(_fmt(new, kind) + _reported_cell(kind, key, column))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     sources = sorted({r["params"].get("data", {}).get("source", "?") for r in found.values() if r})
     missing = [c.name for c in table.runnable if not found.get(c.name)]
     lines.append("")
+    if table.contradictions:  # one line each, under the table
+        lines += [f"- The report disagrees with itself: {note}" for note in table.contradictions] + [""]
     if sources:
         lines.append(f"Data: {', '.join(sources)}." + (" Figures from the synthetic data set test the pipeline; "
                                                        "they say nothing about NIH." if "synthetic" in sources else ""))

@@ -93,7 +93,8 @@ def table_run(name: str, demo: bool = typer.Option(False, "--demo", help="the de
 
 
 @table_app.command("show")
-def table_show(name: str) -> None:
+def table_show(name: str, why: bool = typer.Option(False, "--why", help="where each column's settings come from: "
+                                                                         "the report's words or ours")) -> None:
     """The table as the report lays it out, the report's figures beside; also plots/tables/NAME.{md,html}."""
     from rich.console import Console
     from rich.markdown import Markdown
@@ -106,6 +107,8 @@ def table_show(name: str) -> None:
         typer.secho(f"error: {error.args[0]}", fg="red", err=True)
         raise typer.Exit(2) from None
     Console(width=200).print(Markdown(text))
+    if why:
+        typer.echo("\n" + tables.provenance(tables.load()[name]))
     typer.echo(f"written: plots/tables/{name}.md, plots/tables/{name}.html")
 
 

@@ -1,5 +1,6 @@
 """The catalog of the report's tables, and `cxr table` / `cxr report` on real (smoke-scale) experiments."""
 
+import itertools
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 from cxr14 import labels
 from cxr14 import params as P
 from cxr14.params import load
+from experiments import demo as demo_settings
 from experiments import tables
 from stages import crop, download, evaluate, filter, resample, split, train
 
@@ -132,3 +134,102 @@ def test_overrides_set_params_yaml_as_dvc_applies_them(tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     apply_overrides(str(tmp_path / "params.yaml"), items)
     assert load(tmp_path / "params.yaml") == P.apply(params, wanted)
+
+
+# ---------------------------------------------------------------- fidelity to the report and provenance
+
+CATALOG = tables.load(REPO / "tables.yaml")
+
+
+def _columns():
+    return [(table, column) for table in CATALOG.values() for column in table.columns]
+
+
+def test_every_setting_says_where_it_comes_from():
+    for table in CATALOG.values():
+        assert set(table.why) == set(table.set), table.name
+        for column in table.columns:
+            expected = set(column.set) | ({"same_run_as"} if column.same_run_as else set())
+            assert set(column.why) == expected, f"{table.name}/{column.name}"
+            assert all(str(v).strip() for v in column.why.values()), f"{table.name}/{column.name}"
+
+
+def test_a_setting_without_provenance_is_refused(tmp_path):
+    (tmp_path / "tables.yaml").write_text(
+        "t:\n  title: T\n  task: multilabel14\n  rows: [macro]\n  set: {train.epochs: 20}\n  why: {}\n"
+        "  columns: [{name: c, title: C, set: {}, why: {}}]\n")
+    with pytest.raises(ValueError, match="t: no provenance for train.epochs"):
+        tables.load(tmp_path / "tables.yaml")
+
+
+def test_columns_with_the_same_figures_in_the_report_are_declared_one_run():
+    """Two columns whose 14 per-label figures agree (13 or more) are one run of the report's; the catalog says so."""
+    linked = {frozenset((f"{t.name}/{c.name}", c.same_run_as)) for t, c in _columns() if c.same_run_as}
+    for (t1, c1), (t2, c2) in itertools.combinations(_columns(), 2):
+        a, b = c1.report.get("auroc"), c2.report.get("auroc")
+        if a and b and sum(x == y for x, y in zip(a, b)) >= 13:
+            assert frozenset((f"{t1.name}/{c1.name}", f"{t2.name}/{c2.name}")) in linked, (c1.name, c2.name)
+
+
+@pytest.mark.parametrize("table, column", [(t, c) for t, c in _columns() if c.same_run_as],
+                         ids=lambda x: getattr(x, "name", ""))
+def test_a_column_declared_the_same_run_runs_the_same_params(table, column):
+    other_table, other = column.reuses
+    base = load(REPO / "params.yaml")
+    assert P.apply(base, tables.settings(table, column)) == P.apply(base, tables.settings(other_table, other))
+
+
+def test_the_demo_shrinks_image_counts_even_where_a_column_sets_them():
+    table = CATALOG["findings_only_vs_15"]
+    column = next(c for c in table.columns if c.name == "findings-only-14")
+    assert tables.settings(table, column)["split.sizes"] == [32400, 3620, 15731]
+    assert tables.settings(table, column, demo=True)["split.sizes"] == demo_settings.DEMO["split.sizes"]
+
+
+def test_the_fifteen_label_dense_heads_have_no_dropout():
+    """'3 densely connected NN layer', spelled Dense(256, relu) + Dense(50, relu) + Dense(15, sigmoid): no Dropout."""
+    base = load(REPO / "params.yaml")
+    for name in ("model_selection_15", "head_15", "weights_15", "optimizer_15"):
+        for column in CATALOG[name].runnable:
+            assert P.apply(base, tables.settings(CATALOG[name], column))["model"]["head"]["dropout"] == 0.0
+
+
+def test_the_binary_tables_second_figures_are_those_of_its_confusion_matrix():
+    column = CATALOG["binary_fibrosis"].columns[0]
+    m = column.report["binary"]
+    tn, fp, fn, tp = m["tn"], m["fp"], m["fn"], m["tp"]
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    derived = {"accuracy": (tn + tp) / (tn + fp + fn + tp), "precision": precision, "recall": recall,
+               "f1": 2 * precision * recall / (precision + recall)}
+    assert derived == pytest.approx(column.report["binary_from_matrix"], abs=5e-5)
+    assert column.report["text"]["fibrosis_test_images"] == 431 and fn + tp == 434
+
+
+def test_show_prints_where_the_report_disagrees_with_itself():
+    table = CATALOG["binary_fibrosis"]
+    text = tables.markdown(table, {c.name: None for c in table.runnable})
+    assert "| accuracy | - (0.964; its matrix: 0.946) |" in text
+    notes = [line for line in text.splitlines() if line.startswith("- The report disagrees with itself:")]
+    assert len(notes) == 2 and "431" in notes[1] and "434" in notes[1]
+
+
+def test_the_column_this_repo_adds_is_marked_and_has_no_figures():
+    table = CATALOG["optimizer_14"]
+    ours = [c for c in table.columns if c.ours]
+    assert [c.name for c in ours] == ["adam-then-sgd"] and ours[0].report == {}
+    assert "Adam, then SGD from the best weights [ours: not in the report]" in tables.markdown(table, {})
+
+
+def test_show_why_prints_each_columns_provenance(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    monkeypatch.setattr(tables, "CATALOG", REPO / "tables.yaml")
+    monkeypatch.setattr(tables, "results", lambda table: {c.name: None for c in table.runnable})
+    monkeypatch.chdir(tmp_path)  # show writes plots/tables/ here
+    done = CliRunner().invoke(app, ["table", "show", "head_14", "--why"])
+    assert done.exit_code == 0, done.output
+    assert "model.head.dropout = 0.2    # 'Dropout(0.2)+ Dense(256 ...)" in done.output
+    assert "crop.size = 224    # the Dropout(0.2) column is preprocessing's '10% 224 NoCrop RemoveBlack' run" in done.output
+    assert "note: Backbone, optimizer, epochs: not stated: params.yaml's." in done.output
