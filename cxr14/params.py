@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,41 @@ class ParamError(ValueError):
         super().__init__(f"params.yaml: {key} = {value!r} is not valid: expected {valid}")
 
 
+class ParamsFileError(ParamError):
+    """params.yaml cannot be read as YAML: the message names the file, line and column."""
+
+    def __init__(self, path: Path, problem: str):
+        ValueError.__init__(self, f"{path}: {problem}")
+        self.key, self.value, self.valid = "(file)", None, "valid YAML"
+
+
+# The sections of params.yaml (every stage reads some of them); anything else at the top level is a typo.
+SECTIONS = ("seed", "data", "filter", "crop", "split", "resample", "task", "model", "train", "evaluate")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 numbers, as DVC reads params.yaml: `lr: 1e-4` is a number (YAML 1.1 makes it a string)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
 def load(path: str | Path = PARAMS_FILE) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run from the repository root or pass --params")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ParamsFileError(path, where + str(getattr(error, "problem", None) or error)) from None
     if not isinstance(data, dict):
         raise ParamError("(top level)", data, "a mapping of sections")
+    unknown = sorted(set(data) - set(SECTIONS), key=str)
+    if unknown:
+        raise ParamError(str(unknown[0]), data[unknown[0]], "no such section: the sections are " + ", ".join(SECTIONS))
     return data
 
 

@@ -1,23 +1,88 @@
 """Running a stage from the command line: `python -m stages.<name> [--params FILE]` (dvc.yaml's form)
-or `cxr <name>`. A failure the user can act on is one red line and an exit code, never a traceback:
-2 for a bad value in params.yaml, 1 for a failure of the stage (a missing input, a NaN loss)."""
+or `cxr <name>`.
+
+- A failure the user can act on is one red line and an exit code, never a traceback: 2 for a bad
+  value in params.yaml, 1 for a failure of the stage (a missing input, a NaN loss, a full disk).
+- One stage at a time in a workspace: a lock file (data/.stage.lock) held while the stage runs; a
+  second stage stops at once, naming the one that runs. A killed holder frees it (the kernel drops
+  the lock with the process).
+- A stage dies with its parent: killing `dvc exp run` (even with kill -9) ends the stage and, through
+  the same mechanism in each worker, its worker processes, instead of leaving them writing outputs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import fcntl
 import importlib
+import os
+import signal
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import typer
 
 from cxr14.params import PARAMS_FILE, ParamError, StageError
 
+LOCK_FILE = Path("data/.stage.lock")
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send `sig` to this process when its parent exits (no-op elsewhere)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig))
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent was gone before the request took effect
+        os.kill(os.getpid(), sig)
+
+
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds: temporary outputs are removed, worker pools terminated
+
+
+@contextlib.contextmanager
+def workspace_lock(stage: str, path: Path = LOCK_FILE) -> Iterator[None]:
+    """Hold the workspace's stage lock, or stop at once naming the stage that holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another stage"
+            raise StageError(
+                f"{holder} is running in this workspace ({path}): one stage at a time. Wait for it to end, "
+                "or run experiments side by side with `dvc exp run --temp` or DVC's queue "
+                "(`dvc exp run --queue ...`, then `dvc queue start`)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"the stage {stage} (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
+
 
 def run(module: str, params: str = PARAMS_FILE) -> int:
-    """Import `module` (stages.crop, ...), run its main(params) and return the exit code."""
+    """Import `module` (stages.crop, ...), run its main(params) under the workspace lock (the processes
+    torchrun starts run under their launcher's) and return the exit code."""
     name = module.rpartition(".")[2]
     try:
-        importlib.import_module(module).main(params)
+        lock = contextlib.nullcontext() if under_torchrun() else workspace_lock(name)
+        with lock:
+            importlib.import_module(module).main(params)
     except ParamError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         return 2
@@ -32,4 +97,7 @@ def command_line(module: str) -> None:
     (not as __main__), so that the functions its worker processes run are found by that name."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=f"Run the stage {module}.")
     parser.add_argument("--params", "-p", default=PARAMS_FILE, help="the params file to read")
-    sys.exit(run(module, parser.parse_args().params))
+    params = parser.parse_args().params
+    signal.signal(signal.SIGTERM, _terminate)
+    die_with_parent()
+    sys.exit(run(module, params))

@@ -11,7 +11,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
-from concurrent.futures import ProcessPoolExecutor
+import shutil
+import signal
+import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from cxr14 import packed_images, progress
 from cxr14 import params as P
 from cxr14.atomic import atomic_path, read_csv, write_csv, write_json
 from cxr14.images import iter_sources, open_png, to_gray
+from cxr14.stage import die_with_parent
 
 PNG_CHUNK = 256
 
@@ -59,24 +63,49 @@ def crop_resize(image: Image.Image, fraction: float, size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
-def _crop_group(sources: pd.DataFrame, rows: dict[str, int], array_path: str, fraction: float, size: int,
-                ticks) -> tuple[list[str], dict[str, str]]:
+_ticks = None  # each worker's end of the progress queue (set by _start_worker)
+
+
+def _start_worker(ticks) -> None:
+    global _ticks
+    _ticks = ticks
+    die_with_parent(signal.SIGKILL)  # a killed stage leaves no worker behind
+
+
+def _crop_group(sources: pd.DataFrame, rows: dict[str, int], array_path: str, fraction: float,
+                size: int) -> tuple[list[str], dict[str, str]]:
     """Worker: decode, crop and write the wanted images of some sources; return found and failed names."""
     array = packed_images.open_for_writing(Path(array_path))
     found, failed, pending = [], {}, 0
-    for name, data in iter_sources(sources, set(rows)):
-        found.append(name)
-        try:
-            array[rows[name]] = crop_resize(open_png(data), fraction, size)
-        except Exception as error:  # PIL raises many kinds for a broken file
-            failed[name] = f"{type(error).__name__}: {error}"
-        pending += 1
-        if pending == 32:
-            ticks.put(pending)
-            pending = 0
-    ticks.put(pending)
+    try:
+        for name, data in iter_sources(sources, set(rows)):
+            found.append(name)
+            try:
+                array[rows[name]] = crop_resize(open_png(data), fraction, size)
+            except Exception as error:  # PIL raises many kinds for a broken file
+                failed[name] = f"{type(error).__name__}: {error}"
+            pending += 1
+            if pending == 32:
+                _ticks.put(pending)
+                pending = 0
+    except (tarfile.TarError, EOFError, zlib.error) as error:
+        where = ", ".join(sources["path"])
+        raise P.StageError(f"{where} cannot be read through ({type(error).__name__}: {error}): the archive is "
+                           "truncated or corrupt; fetch it again (a downloaded one: delete it and rerun download)") from None
+    _ticks.put(pending)
     array.flush()
     return found, failed
+
+
+def check_space(path: Path, needed: int) -> None:
+    """Stop before any work when the disk cannot hold the packed array."""
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise P.StageError(f"{path} needs {needed:,} bytes and {folder} has {free:,} free: free some space "
+                           "(or set crop.size smaller)")
 
 
 def _groups(sources: pd.DataFrame) -> list[pd.DataFrame]:
@@ -93,24 +122,38 @@ def main(params_path: str = P.PARAMS_FILE, raw: Path = Path("data/raw"), filtere
     rows = {name: i for i, name in enumerate(index["image"])}
     groups = _groups(sources)
     workers = min(config.workers or os.cpu_count() or 1, max(len(groups), 1))
-    found: set[str] = set()
     failed: dict[str, str] = {}
-    with atomic_path(out / packed_images.IMAGES_FILE) as tmp:
-        packed_images.create(tmp, len(index), config.size).flush()
-        with multiprocessing.Manager() as manager, ProcessPoolExecutor(workers) as pool, progress.items() as bar:
-            ticks = manager.Queue()
-            task = bar.add_task(f"crop {config.fraction:g} -> {config.size}px ({workers} processes)", total=len(index))
-            futures = [pool.submit(_crop_group, group, rows, str(tmp), config.fraction, config.size, ticks)
-                       for group in groups]
-            while not all(f.done() for f in futures) or not ticks.empty():
-                try:
-                    bar.advance(task, ticks.get(timeout=0.1))
-                except queue.Empty:
-                    pass
-            for future in futures:
-                names, errors = future.result()
-                found.update(names)
-                failed.update(errors)
+    target = out / packed_images.IMAGES_FILE
+    check_space(target, packed_images.nbytes(len(index), config.size))
+    seen: dict[str, int] = {}
+    with atomic_path(target) as tmp:
+        try:
+            packed_images.create(tmp, len(index), config.size).flush()
+            ticks = multiprocessing.Queue()
+            # multiprocessing.Pool, not ProcessPoolExecutor: leaving the block terminates the workers at once
+            # (Ctrl-C, SIGTERM, an error), and no Manager process is left to outlive a kill.
+            with multiprocessing.Pool(workers, _start_worker, (ticks,)) as pool, progress.items() as bar:
+                task = bar.add_task(f"crop {config.fraction:g} -> {config.size}px ({workers} processes)", total=len(index))
+                results = [pool.apply_async(_crop_group, (group, rows, str(tmp), config.fraction, config.size))
+                           for group in groups]
+                while not all(r.ready() for r in results) or not ticks.empty():
+                    try:
+                        bar.advance(task, ticks.get(timeout=0.1))
+                    except queue.Empty:
+                        pass
+                for result in results:
+                    names, errors = result.get()
+                    for name in names:
+                        seen[name] = seen.get(name, 0) + 1
+                    failed.update(errors)
+        except OSError as error:  # a full or read-only disk, here or in a worker
+            raise P.StageError(f"writing {tmp}: {error.strerror or error} (the packed array needs "
+                               f"{packed_images.nbytes(len(index), config.size):,} bytes)") from None
+        found = set(seen)
+        twice = sorted(name for name, count in seen.items() if count > 1)
+        if twice:  # which copy would win depends on worker timing: never guess
+            raise P.StageError(f"{len(twice)} images are in more than one source listed in {raw / 'sources.csv'}, "
+                               f"e.g. {twice[:5]}: keep one copy of each")
         missing = sorted(set(rows) - found)
         if missing:
             raise FileNotFoundError(f"{len(missing)} kept images are in no source listed in {raw / 'sources.csv'}, "

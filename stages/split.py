@@ -165,7 +165,14 @@ def split(index: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
         train_val = np.sort(index.loc[~test, "patient_id"].unique())
         where = assign_patients(pd.Series(train_val), [1 - config.val_fraction, config.val_fraction], rng, strata)
         part = np.where(test, 2, index["patient_id"].map(where).fillna(0).to_numpy()).astype(int)
-    return {name: index[part == i].reset_index(drop=True) for i, name in enumerate(PARTS)}
+    parts = {name: index[part == i].reset_index(drop=True) for i, name in enumerate(PARTS)}
+    empty = [name for name, rows in parts.items() if rows.empty]
+    if empty:  # found here, not later in train or evaluate
+        key, value = ("split.val_fraction", config.val_fraction) if config.method == "official" and not config.counts \
+            and empty == ["val"] else ("split.sizes", config.sizes)
+        raise P.ParamError(key, value, f"settings that leave images in every part: the {' and '.join(empty)} part "
+                           f"of {len(index)} images ({config.method} split) would be empty")
+    return parts
 
 
 def summarize(parts: dict[str, pd.DataFrame]) -> dict:

@@ -30,6 +30,7 @@ from cxr14 import params as P
 from cxr14.atomic import atomic_path, read_csv
 from cxr14.batches import Augment, Batches, batch_order
 from cxr14.runtime import DEVICES, PRECISIONS, Runtime, decide, predict
+from cxr14.stage import under_torchrun
 from cxr14.training import (
     CLASS_WEIGHTING,
     OPTIMIZERS,
@@ -174,8 +175,8 @@ def set_up(config: TrainConfig) -> Runtime:
     runtime = decide(config.device, config.precision)
     if runtime.world != config.processes:
         raise P.ParamError("train.processes", config.processes,
-                           f"the number of processes this run has ({runtime.world}): dvc.yaml starts the stage under "
-                           "torchrun with train.processes; by hand, use torchrun --nproc_per_node N -m stages.train")
+                           f"the number of processes this run has ({runtime.world}): `python -m stages.train` starts "
+                           "train.processes workers itself; under torchrun, use --nproc_per_node train.processes")
     if runtime.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo")
     torch.manual_seed(config.seed)
@@ -290,11 +291,26 @@ def save(obj, path: Path) -> None:
 def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), resampled: Path = Path("data/resample"),
          split_dir: Path = Path("data/split"), out: Path = Path("data/train"), live_dir: Path = Path("metrics/train")) -> None:
     params = P.load(params_path)
-    check(params)
+    _, _, config = check(params)
+    if config.processes > 1 and not under_torchrun():
+        launch(config.processes, params_path)  # this process becomes torchrun's agent; the workers come back here
+        return
     fit(params, cropped / packed_images.IMAGES_FILE, resampled / "train.csv", split_dir / "val.csv", out, live_dir)
     if dist.is_initialized():
         dist.destroy_process_group()
 
+
+def launch(processes: int, params_path: str) -> None:
+    """Several GPUs of one machine: torchrun's launcher, in this process, starts `processes` workers of this
+    stage (DistributedDataParallel); each dies with it (cxr14/stage.py)."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        torchrun.main(["--standalone", f"--nproc_per_node={processes}", "-m", "stages.train", "--params", params_path])
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        raise P.StageError(f"training process {rank} failed: {getattr(failure, 'message', failure)}") from None
 
 if __name__ == "__main__":
     from cxr14.stage import command_line

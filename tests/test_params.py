@@ -117,3 +117,31 @@ def test_a_whole_missing_section_names_the_section():
     with pytest.raises(ParamError) as caught:
         crop.check(without(PARAMS_YAML, "crop"))
     assert caught.value.key == "crop"
+
+
+def test_a_misspelt_section_is_an_error_naming_it(project):
+    (project / "params.yaml").write_text("seed: 1\ntrian:\n  epochs: 3\n")
+    with pytest.raises(ParamError) as caught:
+        load(project / "params.yaml")
+    assert caught.value.key == "trian" and "the sections are" in str(caught.value)
+
+
+def test_a_number_in_exponent_form_is_a_number_as_dvc_reads_it(project):
+    (project / "params.yaml").write_text("train:\n  adam:\n    lr: 1e-4\n    other: 2.5E+3\n")
+    assert load(project / "params.yaml")["train"]["adam"] == {"lr": 0.0001, "other": 2500.0}
+
+
+def test_broken_yaml_names_the_file_and_line(project):
+    (project / "params.yaml").write_text("seed: 1\ntrain:\n  epochs: 3\n lr: [1,\n")
+    with pytest.raises(ParamError) as caught:
+        load(project / "params.yaml")
+    assert "params.yaml: line 4" in str(caught.value)
+
+
+def test_split_sizes_that_leave_a_part_empty_name_the_key(tiny_pipeline, project):
+    from cxr14.atomic import read_csv
+
+    index = read_csv(tiny_pipeline / "data/crop/index.csv")
+    with pytest.raises(ParamError) as caught:
+        split.split(index, split.check(load(write_params(project, {"split": {"method": "random", "sizes": [0.9, 0.1, 0.0]}}))))
+    assert caught.value.key == "split.sizes" and "the test part" in str(caught.value)

@@ -68,7 +68,8 @@ def test_inception_defaults_to_299_and_trains_without_its_auxiliary_head_below()
     small = models.create_model(models.ModelConfig("inception_v3", "none", "replace_last", [], 0.0, 96), 14, 96).train()
     out = small(torch.zeros(2, 3, 96, 96))
     assert not isinstance(out, tuple) and out.shape == (2, 14)
-    assert models.create_model(models.ModelConfig("inception_v3", "none", "replace_last", [], 0.0, None), 14, 299).AuxLogits is not None
+    full = models.create_model(models.ModelConfig("inception_v3", "none", "replace_last", [], 0.0, None), 14, 299)
+    assert full.AuxLogits is not None
 
 
 def test_head_layers_follow_the_report():

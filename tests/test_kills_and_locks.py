@@ -1,0 +1,160 @@
+"""Kills leave no process behind and no temporary file for good; one stage of a workspace runs at a time."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cxr14.atomic import atomic_path
+from stages import crop
+
+from .conftest import REPO, write_params
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; it waits only for its parent to read its status
+
+
+def wait_until(condition, seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def pipeline(tiny_pipeline, tmp_path, monkeypatch):
+    shutil.copytree(tiny_pipeline, tmp_path / "p", symlinks=True)
+    monkeypatch.chdir(tmp_path / "p")
+    return tmp_path / "p"
+
+
+def blocked_crop(folder: Path) -> Path:
+    """Point the crop stage at an archive that is a named pipe: its workers block reading it until killed."""
+    fifo = folder / "stalled.tar.gz"
+    os.mkfifo(fifo)
+    sources = folder / "data/raw/sources.csv"
+    shutil.copy(sources, folder / "sources.good.csv")
+    pd.DataFrame({"kind": ["tar"], "path": [str(fifo)], "image": [""]}).to_csv(sources, index=False)
+    return Path(write_params(folder, {"crop": {"workers": 2}}))
+
+
+def temporary_arrays(folder: Path) -> list[Path]:
+    return sorted((folder / "data/crop").glob(".images.npy.tmp*"))
+
+
+def test_kill_9_of_crop_ends_its_workers_and_the_next_run_removes_its_temporary_array(pipeline):
+    params = blocked_crop(pipeline)
+    stage = subprocess.Popen([sys.executable, "-m", "stages.crop", "--params", str(params)], cwd=pipeline, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: temporary_arrays(pipeline) and len(children(stage.pid)) >= 1)
+        workers = children(stage.pid)
+        stage.kill()
+        stage.wait()
+        assert wait_until(lambda: not any(alive(pid) for pid in workers), 10), "workers outlived the stage"
+    finally:
+        stage.kill()
+    assert temporary_arrays(pipeline)  # kill -9 runs no cleanup ...
+    shutil.copy(pipeline / "sources.good.csv", pipeline / "data/raw/sources.csv")
+    crop.main(str(params))
+    assert not temporary_arrays(pipeline)  # ... the next run removes it
+    assert (pipeline / "data/crop/images.npy").exists()
+
+
+def test_a_stage_whose_parent_is_killed_stops_and_cleans_up(pipeline):
+    """As when `dvc exp run` is killed with -9: the stage ends too, removing its temporary output."""
+    params = blocked_crop(pipeline)
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import subprocess, sys
+        child = subprocess.Popen([sys.executable, "-m", "stages.crop", "--params", {str(params)!r}])
+        print(child.pid, flush=True)
+        child.wait()
+    """)], cwd=pipeline, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        stage = int(parent.stdout.readline())
+        assert wait_until(lambda: temporary_arrays(pipeline) and children(stage))
+        workers = children(stage)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        assert wait_until(lambda: not alive(stage), 10), "the stage outlived its parent"
+        assert wait_until(lambda: not any(alive(pid) for pid in workers), 10), "workers outlived the stage"
+        assert wait_until(lambda: not temporary_arrays(pipeline), 5)
+    finally:
+        parent.kill()
+
+
+def hold_the_lock(folder: Path) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import time
+        from cxr14.stage import workspace_lock
+        with workspace_lock("train"):
+            print("held", flush=True)
+            time.sleep(60)
+    """)], cwd=folder, env=ENV, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_stage_in_a_workspace_stops_naming_the_running_one(pipeline):
+    params = write_params(pipeline)
+    holder = hold_the_lock(pipeline)
+    try:
+        before = (pipeline / "data/filter/index.csv").stat().st_mtime_ns
+        done = subprocess.run([sys.executable, "-m", "stages.filter", "--params", params], cwd=pipeline, env=ENV,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1
+        assert f"the stage train (pid {holder.pid}" in done.stderr and "dvc exp run --temp" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert (pipeline / "data/filter/index.csv").stat().st_mtime_ns == before  # it did nothing
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_holder_frees_the_workspace(pipeline):
+    params = write_params(pipeline)
+    holder = hold_the_lock(pipeline)
+    holder.kill()
+    holder.wait()
+    done = subprocess.run([sys.executable, "-m", "stages.filter", "--params", params], cwd=pipeline, env=ENV,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_temporary_files_of_live_writers_are_left_alone(tmp_path):
+    target = tmp_path / "out.csv"
+    live = tmp_path / f".out.csv.tmp{os.getppid()}"  # the test runner's parent: alive
+    dead = tmp_path / ".out.csv.tmp999999999"
+    live.write_text("writing")
+    dead.write_text("left by a kill")
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert live.exists() and not dead.exists() and target.read_text() == "new"
