@@ -1,4 +1,4 @@
-"""Where the images are and how to read them: tar.gz archives read as streams, or loose PNG files.
+"""Where the images are and how to read them: tar.gz archives read as streams, and loose PNG files.
 
 A source list (data/raw/sources.csv) has one row per archive (`kind` tar) or per PNG file
 (`kind` png, with its image name). Archives are never extracted: members are decoded in memory.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -15,21 +16,23 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cxr14.params import StageError
+
 ARCHIVE_GLOB = "images_*.tar.gz"
 
 
 def scan_local(directory: str | Path) -> pd.DataFrame:
-    """Sources in a folder the user already has: PNGs in any layout (Kaggle's too), else NIH archives."""
+    """Sources in a folder the user already has: NIH archives and PNGs in any layout (Kaggle's too), both read."""
     directory = Path(directory).expanduser().resolve()
     if not directory.is_dir():
         raise FileNotFoundError(f"data.local_dir = {str(directory)!r} is not a folder")
-    pngs = sorted(directory.rglob("*.png"))
-    if pngs:
-        return pd.DataFrame({"kind": "png", "path": [str(p) for p in pngs], "image": [p.name for p in pngs]})
     archives = sorted(directory.rglob(ARCHIVE_GLOB))
-    if archives:
-        return pd.DataFrame({"kind": "tar", "path": [str(p) for p in archives], "image": ""})
-    raise FileNotFoundError(f"data.local_dir = {str(directory)!r} holds no *.png files and no {ARCHIVE_GLOB} archives")
+    pngs = sorted(directory.rglob("*.png"))
+    if not archives and not pngs:
+        raise FileNotFoundError(f"data.local_dir = {str(directory)!r} holds no *.png files and no {ARCHIVE_GLOB} archives")
+    return pd.concat([pd.DataFrame({"kind": "tar", "path": [str(p) for p in archives], "image": ""}),
+                      pd.DataFrame({"kind": "png", "path": [str(p) for p in pngs], "image": [p.name for p in pngs]})],
+                     ignore_index=True)
 
 
 def to_gray(image: Image.Image) -> np.ndarray:
@@ -54,23 +57,47 @@ def open_png(data: bytes | str | Path) -> Image.Image:
     return image
 
 
+class ArchiveError(StageError):
+    """An archive that is not a complete gzip'd tar (a download cut short, a web page saved as .tar.gz)."""
+
+
+def _unreadable(path: str | Path, error: BaseException) -> ArchiveError:
+    reason = f"not a complete gzip'd tar ({type(error).__name__}: {error})"
+    unreadable = ArchiveError(f"{path} is {reason}; a transfer cut short? Fetch it again")
+    unreadable.reason = reason  # kept through pickling (a worker process raises it)
+    return unreadable
+
+
+_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)  # gzip.BadGzipFile is an OSError
+
+
 def iter_archive(path: str | Path, wanted: set[str] | None = None) -> Iterator[tuple[str, bytes]]:
     """(image name, PNG bytes) for each member of a tar.gz whose base name is wanted (or all)."""
-    with tarfile.open(path, mode="r|gz") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            if wanted is not None and name not in wanted:
-                continue
-            handle = archive.extractfile(member)
-            yield name, handle.read()
+    try:
+        with tarfile.open(path, mode="r|gz") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                name = member.name.rsplit("/", 1)[-1]
+                if wanted is not None and name not in wanted:
+                    continue
+                data = archive.extractfile(member).read()
+                yield name, data
+    except FileNotFoundError:
+        raise
+    except _READ_ERRORS as error:
+        raise _unreadable(path, error) from None
 
 
 def list_archive(path: str | Path) -> list[str]:
-    """The image names in a tar.gz (reads it through once: gzip allows no index)."""
-    with tarfile.open(path, mode="r|gz") as archive:
-        return [member.name.rsplit("/", 1)[-1] for member in archive if member.isfile()]
+    """The image names in a tar.gz (reads it through once: gzip allows no index); a cut one is an ArchiveError."""
+    try:
+        with tarfile.open(path, mode="r|gz") as archive:
+            return [member.name.rsplit("/", 1)[-1] for member in archive if member.isfile()]
+    except FileNotFoundError:
+        raise
+    except _READ_ERRORS as error:
+        raise _unreadable(path, error) from None
 
 
 def iter_sources(sources: pd.DataFrame, wanted: set[str] | None = None) -> Iterable[tuple[str, bytes | str]]:

@@ -1,22 +1,29 @@
 """Stage 1, download: put the images and their metadata in data/raw.
 
-- `nih`: the 12 official archives from the archive table (a user can point it at a mirror's),
-  resumable (HTTP Range on a .part file), retried with backoff, checked for size and MD5, renamed
-  into place only when complete, several at a time.
-- `local`: a copy the user already has (archives, or PNGs in any layout), read in place.
-- `synthetic`: an NIH-shaped synthetic data set (see stages/synthetic.py), written as NIH-named archives.
+- `nih`: the 12 official archives from the archive table (a user can point it at a mirror's; the
+  whole table is checked before any transfer), resumable (HTTP Range on a .part file), retried with
+  backoff, renamed into place only when complete (size, MD5, and a gzip'd tar holding the table's
+  number of images), several at a time. A complete archive on disk is never deleted or fetched again.
+- `local`: a copy the user already has (archives and PNGs in any layout, both read), read in place;
+  an image found twice is an error, never a race between workers.
+- `synthetic`: an NIH-shaped synthetic data set (see cxr14/synthetic.py), written as NIH-named archives.
 
 Outputs: data/raw/metadata.csv (the images that are there), data/raw/sources.csv (where they are),
-data/raw/archives/ (downloaded or synthetic archives).
+data/raw/archives/ (downloaded or synthetic archives), metrics/download.json (how many of the
+metadata's images were found and how many are missing).
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import http.client
 import io
 import os
+import queue
+import shutil
+import sys
 import tarfile
 import threading
 import time
@@ -31,8 +38,8 @@ import pandas as pd
 from cxr14 import metadata as md
 from cxr14 import params as P
 from cxr14 import progress, synthetic
-from cxr14.atomic import atomic_path, write_csv
-from cxr14.images import list_archive, scan_local
+from cxr14.atomic import atomic_path, write_csv, write_json
+from cxr14.images import ArchiveError, list_archive, scan_local
 
 RAW = Path("data/raw")
 SOURCES = ("nih", "local", "synthetic")
@@ -93,6 +100,10 @@ class DownloadError(P.StageError):
     pass
 
 
+POLL_SECONDS = 0.2  # how often a transfer looks at Ctrl-C while the socket is silent (not a setting: promptness)
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def _md5(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as handle:
@@ -101,91 +112,222 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(url: str, target: Path, size: int, md5: str | None, *, retries: int = 5, backoff: float = 2.0,
-          timeout: float = 60, report=lambda done: None, stop: threading.Event | None = None) -> Path:
-    """Download `url` to `target` through `target.part`; rename only once size (and MD5) check out.
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
 
-    A .part left by an earlier run is resumed with an HTTP Range request. Connection errors and
-    server errors (5xx) are retried with exponential backoff; 4xx and a wrong size or MD5 are not.
+
+def _stamp_text(size: int, md5: str | None, images: int) -> str:
+    return f"{size} {md5 or '-'} {images}"
+
+
+def fetch(url: str, target: Path, size: int, md5: str | None, images: int, *, retries: int, backoff: float,
+          timeout: float, report=lambda done: None, stop: threading.Event | None = None) -> Path:
+    """Download `url` to `target` through `target.part`; rename it into place only once it is complete:
+    the table's size, the table's MD5 (when given), and a gzip'd tar that reads through to `images` images.
+
+    A .part left by an earlier run is resumed with an HTTP Range request. Connection errors and server
+    errors (5xx) are retried with exponential backoff, and a try that brought bytes does not count
+    against `retries`; 4xx, a web page instead of the archive and a wrong size or MD5 are not retried.
+    A file already in place is checked, never deleted: one that fails a check goes back to .part.
     `report` is called with the bytes on disk so far; setting `stop` ends the transfer (Ctrl-C).
     """
     part = target.with_name(target.name + ".part")
     stamp = target.with_name(f".{target.name}.verified")
-    expected_stamp = f"{size} {md5 or '-'}"
-    if target.exists() and target.stat().st_size == size and stamp.exists() and stamp.read_text() == expected_stamp:
-        report(size)
-        return target
-    for stale in (target, stamp):
-        stale.unlink(missing_ok=True)
+    if target.exists():
+        have = target.stat().st_size
+        if have != size:  # no run of this stage leaves that: the user's file, or the table changed
+            raise DownloadError(f"{target} has {have:,} bytes, the table gives {size:,}: it is kept as it is; "
+                                "move or delete it (or fix the table's bytes) and run again")
+        if stamp.exists() and stamp.read_text() == _stamp_text(size, md5, images):
+            report(size)
+            return target
+        os.replace(target, part)  # checked again below (verify_md5 turned on, say): hashed, not fetched
+        stamp.unlink(missing_ok=True)
     attempt = 0
-    while (have := part.stat().st_size if part.exists() else 0) != size:
+    while (have := _size(part)) < size:
         report(have)
-        if have > size:
-            part.unlink()
-            raise DownloadError(f"{part} held {have} bytes, more than the {size} the table gives for {url}: "
-                                "deleted it; run again")
         try:
             _transfer(url, part, have, size, timeout, report, stop)
+            continue
         except urllib.error.HTTPError as error:
             if error.code < 500:
-                raise DownloadError(f"{url}: HTTP {error.code} {error.reason} (check the URL in the archive table)") from None
-            if attempt >= retries:
-                raise DownloadError(f"{url}: gave up after {retries + 1} tries: {error}") from None
+                raise DownloadError(f"{target.name}: {url}: HTTP {error.code} {error.reason} "
+                                    "(check the URL in the archive table)") from None
+            failure = f"HTTP {error.code} {error.reason}"
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as error:
-            if attempt >= retries:
-                raise DownloadError(f"{url}: gave up after {retries + 1} tries: {error}") from None
-        else:
-            continue
-        time.sleep(backoff * 2 ** attempt)
-        attempt += 1
+            failure = str(error) or type(error).__name__
+        attempt = 0 if _size(part) > have else attempt + 1
+        if attempt > retries:
+            tries = "1 try" if retries == 0 else f"{retries + 1} tries in a row"
+            raise DownloadError(f"{target.name}: {url}: gave up after {tries} without progress ({failure}); "
+                                f"{part} ({_size(part):,} bytes) is kept for resuming")
+        pause = backoff * 2 ** max(attempt - 1, 0)
+        if stop is None:
+            time.sleep(pause)
+        elif stop.wait(pause):  # Ctrl-C during the pause too
+            raise KeyboardInterrupt(f"download of {url} interrupted; {part} is kept for resuming")
+    if have > size:
+        raise DownloadError(f"{part} holds {have:,} bytes, more than the {size:,} the table gives for {target.name}: "
+                            "it is kept; delete it, or fix the table's bytes, and run again")
     report(size)
+    _verify(part, target.name, md5, images)
+    os.replace(part, target)
+    stamp.write_text(_stamp_text(size, md5, images))
+    return target
+
+
+def _verify(path: Path, name: str, md5: str | None, images: int) -> None:
+    """The MD5 (when given), then a read through the whole gzip'd tar: raise DownloadError unless complete."""
     if md5:
-        got = _md5(part)
+        got = _md5(path)
         if got != md5.lower():
             raise DownloadError(
-                f"{target.name}: MD5 {got} does not match the table's {md5}. The download is kept as {part} "
+                f"{name}: MD5 {got} does not match the table's {md5}. The download is kept as {path} "
                 f"and never taken as complete. The table's MD5s are not confirmed against NIH: if you trust the "
-                f"file, set data.download.verify_md5: false and run again; otherwise delete {part}.")
-    os.replace(part, target)
-    stamp.write_text(expected_stamp)
-    return target
+                f"file, set data.download.verify_md5: false and run again; otherwise delete {path}.")
+    try:
+        found = len(list_archive(path))
+    except ArchiveError as error:
+        raise DownloadError(f"{name}: {error.reason}, though it has the table's size; it is kept as {path} and "
+                            "never taken as complete: the mirror's file or the table is wrong (delete it to "
+                            "fetch it again)") from None
+    if found != images:
+        raise DownloadError(f"{name}: holds {found:,} images, the table gives {images:,}; it is kept as {path} "
+                            "and never taken as complete: the mirror's file or the table is wrong")
+
+
+def _disk_error(path: Path, error: OSError, size: int) -> DownloadError:
+    needed = size - _size(path)
+    try:
+        free = f"{shutil.disk_usage(path.parent).free:,} bytes are free there"
+    except OSError:
+        free = "the free space is unknown"
+    return DownloadError(f"cannot write {path}: {error.strerror or error}; it needs {needed:,} more bytes, {free}. "
+                         "Free some space (or make the folder writable) and run again: what is there is kept")
+
+
+class _Stream:
+    """An HTTP response read on a daemon thread and handed over through a queue: the response first,
+    then blocks of bytes, then None. A read blocked on a silent socket cannot be interrupted, so the
+    transfer waits on the queue in steps of POLL_SECONDS and sees Ctrl-C (`stop`) within that; the
+    stall limit stays `timeout` (data.download.timeout_seconds)."""
+
+    def __init__(self, request: urllib.request.Request, timeout: float):
+        self._queue: queue.Queue = queue.Queue(maxsize=16)
+        self._closed = threading.Event()
+        threading.Thread(target=self._read, args=(request, timeout), daemon=True).start()
+
+    def _read(self, request, timeout) -> None:
+        try:
+            # the socket's own limit a little later than next()'s, so the error names the setting
+            with urllib.request.urlopen(request, timeout=timeout + 1) as response:
+                if self._put(response):
+                    while (block := response.read1(1 << 16)) and self._put(block):
+                        pass
+                    self._put(None)
+        except Exception as error:  # handed to the transfer, which sorts it out
+            self._put(error)
+
+    def _put(self, item) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=POLL_SECONDS)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def next(self, stop: threading.Event | None, timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt("download interrupted")
+            try:
+                item = self._queue.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"no data for {timeout:g} s (data.download.timeout_seconds)") from None
+                continue
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def _check_response(response, stream: _Stream, url: str, part: Path, have: int, size: int, stop, timeout) -> None:
+    """Refuse, before writing a byte, a response that is not the rest of the archive; name the real cause."""
+    name = part.name.removesuffix(".part")
+    kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    length = response.headers.get("Content-Length", "")
+    length = int(length) if length.isdigit() else None
+    whole = response.status != 206
+    expected = size if whole else size - have
+    if kind.startswith("text/"):  # a quota, login or error page sent with status 200
+        sent, limit = 0, 1 << 20
+        while sent <= limit and (block := stream.next(stop, timeout)) is not None:
+            sent += len(block)
+        amount = f"{sent:,}" if sent <= limit else f"more than {limit:,}"
+        raise DownloadError(f"{name}: the server sent {amount} bytes of {kind}, expected {expected:,} bytes of the "
+                            f"archive: a web page (quota, login or error?), not the archive; nothing was written "
+                            f"({url})")
+    if length is not None and length != expected:
+        raise DownloadError(f"{name}: the server sent {length:,} bytes ({kind or 'no content type'}), expected "
+                            f"{expected:,} bytes: its file differs from the table (bytes column); nothing was written "
+                            f"({url})")
+    if have and whole:
+        raise DownloadError(
+            f"{url}: the server ignored the Range request (HTTP {response.status}), so {part} "
+            f"({have:,} bytes) cannot be resumed; delete it to start over, or use a mirror that supports resuming")
+    if have:
+        content_range = response.headers.get("Content-Range", "")
+        if not content_range.startswith(f"bytes {have}-"):
+            raise DownloadError(f"{url}: asked for bytes from {have}, the server sent {content_range!r}")
 
 
 def _transfer(url: str, part: Path, have: int, size: int, timeout: float, report,
               stop: threading.Event | None) -> None:
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        if have and response.status != 206:
-            raise DownloadError(
-                f"{url}: the server ignored the Range request (HTTP {response.status}), so {part} "
-                f"({have} bytes) cannot be resumed; delete it to start over, or use a mirror that supports resuming")
-        if have:
-            content_range = response.headers.get("Content-Range", "")
-            if not content_range.startswith(f"bytes {have}-"):
-                raise DownloadError(f"{url}: asked for bytes from {have}, the server sent {content_range!r}")
-        with open(part, "ab") as handle:
-            while block := response.read1(1 << 16):  # what has arrived, so progress and Ctrl-C are prompt
-                if stop is not None and stop.is_set():
-                    raise KeyboardInterrupt(f"download of {url} interrupted; {part} is kept for resuming")
-                handle.write(block)
+    stream = _Stream(request, timeout)
+    try:
+        _check_response(stream.next(stop, timeout), stream, url, part, have, size, stop, timeout)
+        try:
+            handle = open(part, "ab")
+        except OSError as error:
+            raise _disk_error(part, error, size) from None
+        with handle:
+            while (block := stream.next(stop, timeout)) is not None:
+                if have + len(block) > size:
+                    raise DownloadError(f"{part.name.removesuffix('.part')}: the server sent more than the table's "
+                                        f"{size:,} bytes ({url}); {part} is kept with the first {have:,}")
+                try:
+                    handle.write(block)
+                    handle.flush()
+                except OSError as error:
+                    raise _disk_error(part, error, size) from None
                 have += len(block)
                 report(have)
+    finally:
+        stream.close()
     if have < size:
-        raise ConnectionError(f"connection closed after {have} of {size} bytes")
+        raise ConnectionError(f"connection closed after {have:,} of {size:,} bytes")
 
 
-def download_nih(config: DataConfig, directory: Path) -> pd.DataFrame:
-    """Fetch the archives of the table (several at a time) into `directory`; return the table's rows."""
-    table = md.read_archive_table(config.archives_table)
-    if config.archives is not None:
-        unknown = sorted(set(config.archives) - set(table["archive"]))
-        if unknown:
-            raise P.ParamError("data.download.archives", unknown, "names from " + config.archives_table)
-        table = table[table["archive"].isin(config.archives)]
+def download_nih(config: DataConfig, directory: Path, table: pd.DataFrame) -> None:
+    """Fetch the archives of the table (several at a time) into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    for stray in directory.glob("*.tar.gz"):  # e.g. a synthetic archive of an earlier run; verified ones stay
-        if stray.name not in set(table["archive"]) and not (directory / f".{stray.name}.verified").exists():
-            stray.unlink()
+    _remove_synthetic(directory)
+    needed = sum(int(row.bytes) - _size(directory / row.archive) - _size(directory / f"{row.archive}.part")
+                 for row in table.itertuples(index=False) if _size(directory / row.archive) != row.bytes)
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise DownloadError(f"{directory}: the archives need {needed:,} more bytes, {free:,} are free there; "
+                            "free some space (or make data/raw/archives a link to a larger disk) and run again")
+    if config.verify_md5:
+        for archive in table["archive"][table["md5"] == ""]:
+            print(f"warning: {config.archives_table} gives no MD5 for {archive}: it is checked by its size "
+                  "and by reading it through only", file=sys.stderr)
     errors, stop = [], threading.Event()
     with progress.transfer() as bar, ThreadPoolExecutor(config.workers) as pool:
         total = bar.add_task("all archives", total=int(table["bytes"].sum()))
@@ -199,8 +341,8 @@ def download_nih(config: DataConfig, directory: Path) -> pd.DataFrame:
             return report
 
         futures = [pool.submit(fetch, row.url, directory / row.archive, int(row.bytes),
-                               row.md5 if config.verify_md5 else None, retries=config.retries,
-                               backoff=config.backoff_seconds, timeout=config.timeout_seconds,
+                               (row.md5 or None) if config.verify_md5 else None, int(row.images),
+                               retries=config.retries, backoff=config.backoff_seconds, timeout=config.timeout_seconds,
                                report=reporter(bar.add_task(row.archive, total=int(row.bytes))), stop=stop)
                    for row in table.itertuples(index=False)]
         try:
@@ -209,14 +351,13 @@ def download_nih(config: DataConfig, directory: Path) -> pd.DataFrame:
                     future.result()
                 except DownloadError as error:
                     errors.append(str(error))
-        except KeyboardInterrupt:  # stop the other transfers too; their .part files stay for resuming
+        except BaseException:  # Ctrl-C, SIGTERM: stop the other transfers too; their .part files stay for resuming
             stop.set()
             for future in futures:
                 future.cancel()
             raise
     if errors:
-        raise DownloadError("\n".join(errors))
-    return table
+        raise DownloadError(errors[0] if len(errors) == 1 else f"{len(errors)} archives failed: " + " | ".join(errors))
 
 
 # ---------------------------------------------------------------- synthetic: NIH-named archives
@@ -234,6 +375,13 @@ def _write_archive(path: Path, rows: pd.DataFrame, size: int, seed: int, blackli
     return len(rows)
 
 
+def _remove_synthetic(directory: Path) -> None:
+    """Synthetic archives of an earlier run (they carry NIH's names, and a marker beside them)."""
+    for marker in directory.glob(".*.synthetic"):
+        (directory / marker.name[1:].removesuffix(".synthetic")).unlink(missing_ok=True)
+        marker.unlink()
+
+
 def make_synthetic(config: DataConfig, directory: Path, metadata: pd.DataFrame) -> pd.DataFrame:
     drawn = synthetic.draw_patients(metadata, config.images, config.min_positives_per_label,
                                     config.max_images_per_patient, config.seed)
@@ -241,6 +389,13 @@ def make_synthetic(config: DataConfig, directory: Path, metadata: pd.DataFrame) 
     drawn = drawn.assign(archive=where.loc[drawn["image"]].to_numpy())
     blacklist = {name: reason for reason, names in md.read_blacklists().items() for name in names}
     directory.mkdir(parents=True, exist_ok=True)
+    downloads = sorted(p.name for p in directory.glob("*.part")) + sorted(
+        p.name[1:].removesuffix(".verified") for p in directory.glob(".*.verified"))
+    if downloads:  # the synthetic archives carry the same names: never overwrite hours of download
+        raise P.StageError(f"{directory} holds downloaded NIH archives ({', '.join(downloads[:3])}"
+                           f"{', ...' if len(downloads) > 3 else ''}) that synthetic archives of the same names "
+                           "would replace: move them away, or run the synthetic set in another workspace "
+                           "(dvc exp run --temp)")
     for stale in directory.iterdir():
         stale.unlink()
     groups = list(drawn.groupby("archive"))
@@ -250,49 +405,97 @@ def make_synthetic(config: DataConfig, directory: Path, metadata: pd.DataFrame) 
                    for name, rows in groups]
         for future in as_completed(futures):
             bar.advance(task, future.result())
+    for name, _ in groups:
+        (directory / f".{name}.synthetic").write_text("written by data.source: synthetic\n")
     return drawn.drop(columns="archive")
 
 
 # ---------------------------------------------------------------- local: read in place
 
-def list_local_archives(paths: pd.Series) -> set[str]:
-    """What a user's archives hold (they may be partial or a mirror's): one pass through each, in parallel."""
-    names: set[str] = set()
-    with progress.items() as bar, ProcessPoolExecutor(min(os.cpu_count() or 1, len(paths))) as pool:
-        task = bar.add_task("listing local archives", total=len(paths))
-        for listed in pool.map(list_archive, paths):
-            names.update(listed)
-            bar.advance(task)
-    return names
+def where_local_images_are(sources: pd.DataFrame) -> dict[str, list[str]]:
+    """Every image name of a user's folder and where it is: a PNG's path, or each archive holding it.
+    Each archive is read through once (they may be partial or a mirror's; a cut one is an error), in parallel."""
+    places: dict[str, list[str]] = {}
+    for row in sources[sources["kind"] == "png"].itertuples(index=False):
+        places.setdefault(row.image, []).append(row.path)
+    paths = list(sources["path"][sources["kind"] == "tar"])
+    if paths:
+        with progress.items() as bar, ProcessPoolExecutor(min(os.cpu_count() or 1, len(paths))) as pool:
+            task = bar.add_task("listing local archives", total=len(paths))
+            for path, listed in zip(paths, pool.map(list_archive, paths)):
+                for name in listed:
+                    places.setdefault(name, []).append(path)
+                bar.advance(task)
+    return places
+
+
+def check_no_duplicates(places: dict[str, list[str]], wanted: set[str], local_dir: str) -> None:
+    """Two copies of an image would be read in whatever order the workers reach them: stop instead."""
+    twice = sorted(name for name in wanted & set(places) if len(places[name]) > 1)
+    if twice:
+        root = Path(local_dir).expanduser().resolve()
+        shown = "; ".join(f"{name} in " + " and ".join(os.path.relpath(p, root) for p in places[name])
+                          for name in twice[:5])
+        raise P.StageError(f"data.local_dir = {local_dir!r}: {len(twice)} images are there more than once, so which "
+                           f"copy is read would depend on timing: {shown}{'; ...' if len(twice) > 5 else ''}. "
+                           "Keep one copy of each (move the others out of the folder) and run again")
 
 
 # ---------------------------------------------------------------- the stage
 
-def main(params_path: str = P.PARAMS_FILE, out: Path = RAW) -> None:
+def read_nih(config: DataConfig, metadata: pd.DataFrame, directory: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    table = md.read_archive_table(config.archives_table)
+    where = md.archive_of_each_image(metadata, table)  # the whole table is checked before any transfer
+    if config.archives is not None:
+        unknown = sorted(set(config.archives) - set(table["archive"]))
+        if unknown:
+            raise P.ParamError("data.download.archives", unknown, "names from " + config.archives_table)
+        table = table[table["archive"].isin(config.archives)]
+    download_nih(config, directory, table)
+    found = metadata[where.loc[metadata["image"]].isin(table["archive"]).to_numpy()]
+    return found, pd.DataFrame({"kind": "tar", "path": [str(directory / a) for a in table["archive"]], "image": ""})
+
+
+def read_local(config: DataConfig, metadata: pd.DataFrame, directory: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if directory.is_dir():
+        _remove_synthetic(directory)  # downloaded NIH archives stay: they took hours
+    sources = scan_local(config.local_dir)
+    places = where_local_images_are(sources)
+    check_no_duplicates(places, set(metadata["image"]), config.local_dir)
+    found = metadata[metadata["image"].isin(places)]
+    if found.empty:
+        raise FileNotFoundError(f"data.local_dir = {config.local_dir!r}: none of its images is in the NIH metadata")
+    return found, sources
+
+
+def main(params_path: str = P.PARAMS_FILE, out: Path = RAW, metrics: Path = Path("metrics/download.json")) -> None:
     config = check(P.load(params_path))
     metadata = md.read_metadata()
     archives_dir = out / "archives"
-    if config.source == "synthetic":
-        metadata = make_synthetic(config, archives_dir, metadata)
-        sources = pd.DataFrame({"kind": "tar", "path": sorted(str(p) for p in archives_dir.glob("*.tar.gz")), "image": ""})
-    elif config.source == "nih":
-        table = download_nih(config, archives_dir)
-        where = md.archive_of_each_image(metadata, md.read_archive_table(config.archives_table))
-        metadata = metadata[where.loc[metadata["image"]].isin(table["archive"]).to_numpy()]
-        sources = pd.DataFrame({"kind": "tar", "path": [str(archives_dir / a) for a in table["archive"]], "image": ""})
-    else:
-        archives_dir.mkdir(parents=True, exist_ok=True)
-        for stale in archives_dir.iterdir():
-            stale.unlink()
-        sources = scan_local(config.local_dir)
-        present = set(sources["image"]) if (sources["kind"] == "png").all() else list_local_archives(sources["path"])
-        metadata = metadata[metadata["image"].isin(present)]
-        if metadata.empty:
-            raise FileNotFoundError(f"data.local_dir = {config.local_dir!r}: none of its images is in the NIH metadata")
-    write_csv(out / "sources.csv", sources)
-    write_csv(out / "metadata.csv", metadata.reset_index(drop=True))
-    print(f"download ({config.source}): {len(metadata)} images of {metadata['patient_id'].nunique()} patients "
-          f"in {len(sources)} sources")
+    try:
+        if config.source == "synthetic":
+            found = make_synthetic(config, archives_dir, metadata)
+            sources = pd.DataFrame({"kind": "tar", "path": sorted(str(p) for p in archives_dir.glob("*.tar.gz")),
+                                    "image": ""})
+        elif config.source == "nih":
+            found, sources = read_nih(config, metadata, archives_dir)
+        else:
+            found, sources = read_local(config, metadata, archives_dir)
+        counts = {"source": config.source, "metadata_images": len(metadata), "found": len(found),
+                  "missing": len(metadata) - len(found), "patients": int(found["patient_id"].nunique()),
+                  "archives": int((sources["kind"] == "tar").sum()),
+                  "png_files": int((sources["kind"] == "png").sum())}
+        write_csv(out / "sources.csv", sources)
+        write_csv(out / "metadata.csv", found.reset_index(drop=True))
+        write_json(metrics, counts)
+    except OSError as error:  # a full or read-only disk: one line naming the path
+        if error.errno not in _DISK_ERRNOS:
+            raise
+        raise P.StageError(f"cannot write {error.filename or out}: {error.strerror}; free some space "
+                           "(or make the folder writable) and run again") from None
+    print(f"download ({config.source}): {counts['found']:,} of the metadata's {counts['metadata_images']:,} images "
+          f"found, {counts['missing']:,} missing; {counts['patients']:,} patients in {counts['archives']} archives "
+          f"and {counts['png_files']:,} PNG files")
 
 
 if __name__ == "__main__":

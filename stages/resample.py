@@ -18,6 +18,8 @@ from cxr14 import labels as L
 from cxr14 import params as P
 from cxr14.atomic import read_csv, write_csv, write_json
 
+MAX_TARGET = 1_000_000  # images per label; NIH has 112,120 images in all
+
 
 def check(params: dict) -> tuple[dict[str, int], int]:
     section = P.section(params, "resample")
@@ -26,7 +28,8 @@ def check(params: dict) -> tuple[dict[str, int], int]:
         raise P.ParamError("resample.targets", targets, "a mapping of label to image count, such as {Hernia: 2500}")
     for name, count in targets.items():
         L.check_label(name, f"resample.targets.{name}")
-        P.check_number(f"resample.targets.{name}", count, low=0, integer=True)
+        # A bound keeps a typo (an extra zero or three) from building a training index that fills memory.
+        P.check_number(f"resample.targets.{name}", count, low=0, high=MAX_TARGET, integer=True)
     section.finish()
     return {name: int(n) for name, n in targets.items()}, P.seed(params)
 

@@ -140,6 +140,7 @@ def fit(params: dict, images_path: Path, train_csv: Path, val_csv: Path, out: Pa
     generator = torch.Generator(device=runtime.device)
     val_batches = Batches(parts.images, parts.val["row"].to_numpy(), parts.y_val,
                           batch_order(len(parts.val), config.batch_size, None), runtime.device)
+    save_best = partial(save_model, params, task, model_config, config, parts.size, out / MODEL_FILE)
     while not run.state.finished(config):
         epoch = run.state.epoch
         # Everything random in an epoch is seeded from (seed, epoch): a resumed run repeats it exactly.
@@ -150,8 +151,7 @@ def fit(params: dict, images_path: Path, train_csv: Path, val_csv: Path, out: Pa
                                            parts.size, config.augment, generator, loss_of, runtime, epoch, title)
         val_loss, scores = validate(run.net, val_batches, parts.size, task, runtime)
         lr = run.optimizer.param_groups[0]["lr"]
-        decide_epoch(run, config, runtime, val_loss, scores, partial(save_model, params, task, model_config, config,
-                                                                     parts.size, out / MODEL_FILE), log)
+        decide_epoch(run, config, runtime, val_loss, scores, save_best, log)
         if runtime.lead:
             log_epoch(live, run.state, {"train_loss": train_loss, "val_loss": val_loss, "auroc_micro": scores["micro"],
                                         "auroc_macro": scores["macro"], "lr": lr, "images_per_second": rate,

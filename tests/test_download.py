@@ -1,22 +1,37 @@
-"""The NIH download path, against a local HTTP server serving synthetic archives."""
+"""The NIH download path, against a local HTTP server (127.0.0.1) that serves a small NIH and misbehaves on request.
 
+The small NIH: the first 90 rows of the real metadata, in three archives of 20, 30 and 40 images
+(incompressible 2 KiB members, so a transfer takes many blocks), with its own archive table.
+"""
+
+import errno
 import hashlib
+import io
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from cxr14 import metadata
 from cxr14.atomic import read_csv
+from cxr14.params import StageError
 from stages import download
 
 from .conftest import REPO, write_params
+
+NAMES = ["images_001.tar.gz", "images_002.tar.gz", "images_003.tar.gz"]
+COUNTS = [20, 30, 40]
+SERVER_LIFETIME = 120  # seconds: the server stops by itself after this, whatever a test does
 
 
 class Server:
@@ -24,10 +39,15 @@ class Server:
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
+        self.pages: dict[str, bytes] = {}  # path -> an HTML page sent with status 200 (a quota page)
         self.requests: list[tuple[str, str | None]] = []
         self.cut_first_after: int | None = None  # close the first transfer after this many bytes
+        self.cut_every_after: int | None = None  # close every transfer after this many bytes
+        self.stall_after: int | None = None  # go silent at this byte of the file, until closed
+        self.status: int | None = None  # answer every request with this error status
         self.ignore_range = False
         self.delay = 0.0  # seconds per 4 KiB block
+        self.closing = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -37,6 +57,17 @@ class Server:
             def do_GET(self):
                 wanted = self.headers.get("Range")
                 server.requests.append((self.path, wanted))
+                if server.status:
+                    self.send_error(server.status)
+                    return
+                if self.path in server.pages:
+                    page = server.pages[self.path]
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                    return
                 body = server.files.get(self.path)
                 if body is None:
                     self.send_error(404, "Not Found")
@@ -48,16 +79,23 @@ class Server:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 else:
                     self.send_response(200)
+                self.send_header("Content-Type", "application/gzip")
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
                 payload = body[start:]
                 if server.cut_first_after is not None:
                     payload, server.cut_first_after = payload[:server.cut_first_after], None
+                if server.cut_every_after is not None:
+                    payload = payload[:server.cut_every_after]
                 for i in range(0, len(payload), 4096):
+                    if server.stall_after is not None and start + i >= server.stall_after:
+                        server.closing.wait(SERVER_LIFETIME)
+                        return
                     if server.delay:
                         time.sleep(server.delay)
                     try:
                         self.wfile.write(payload[i:i + 4096])
+                        self.wfile.flush()
                     except (BrokenPipeError, ConnectionResetError):
                         return
                 self.close_connection = True
@@ -65,55 +103,100 @@ class Server:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_port}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.timer = threading.Timer(SERVER_LIFETIME, self.stop)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def stop(self):
+        self.closing.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.timer.cancel()
 
 
 @pytest.fixture
 def server():
     s = Server()
     yield s
-    s.httpd.shutdown()
+    s.stop()
+
+
+def make_archive(names, seed=0) -> bytes:
+    """A gzip'd tar of NIH's layout (images/<name>), 2 KiB of noise a member: the download never decodes them."""
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in names:
+            data = rng.integers(0, 256, 2048, dtype=np.uint8).tobytes()
+            info = tarfile.TarInfo(f"images/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 @pytest.fixture
 def archives(project):
-    """Two small synthetic archives, named and numbered as NIH's first two."""
-    download.main(write_params(project, {"data": {"synthetic": {"images": 150}}}))
-    folder = project / "data/raw/archives"
-    return {name: (folder / name).read_bytes() for name in ("images_001.tar.gz", "images_002.tar.gz")}
+    """A small NIH in the project's data/reference: its metadata, and its archives by name."""
+    real = REPO / "data/reference"
+    reference = project / "data/reference"
+    reference.unlink()  # the link to the repository's reference files
+    reference.mkdir()
+    rows = pd.read_csv(real / metadata.METADATA_FILE).sort_values("Image Index").head(sum(COUNTS))
+    rows.to_csv(reference / metadata.METADATA_FILE, index=False)
+    (reference / metadata.BLACKLIST_DIR).symlink_to(real / metadata.BLACKLIST_DIR)
+    names = list(rows["Image Index"])
+    bounds = np.cumsum([0, *COUNTS])
+    built = {name: make_archive(names[a:b], seed=i) for i, (name, a, b) in enumerate(zip(NAMES, bounds, bounds[1:]))}
+    write_table(reference / metadata.ARCHIVES_FILE, "http://127.0.0.1:9/unused", built)
+    return built
 
 
-def mirror_table(project, server, archives, md5=None):
-    """The real archive table with a mirror's URLs, sizes and MD5s for the archives served."""
-    table = metadata.read_archive_table()
-    for name, body in archives.items():
-        server.files[f"/{name}"] = body
-        row = table["archive"] == name
-        table.loc[row, "url"] = f"{server.url}/{name}"
-        table.loc[row, "bytes"] = len(body)
-        table.loc[row, "md5"] = md5 or hashlib.md5(body).hexdigest()
-    path = project / "mirror.tsv"
+def write_table(path, base_url, archives, **columns):
+    """An archive table for `archives`: their URLs under `base_url`, sizes, MD5s, counts; `columns` replace columns."""
+    table = pd.DataFrame({"archive": list(archives), "url": [f"{base_url}/{n}" for n in archives],
+                          "bytes": [len(b) for b in archives.values()],
+                          "md5": [hashlib.md5(b).hexdigest() for b in archives.values()], "images": COUNTS})
+    for name, values in columns.items():
+        table[name] = values
     table.to_csv(path, sep="\t", index=False)
     return path
 
 
+def mirror_table(project, server, archives, **columns):
+    """The archives served by `server`, and a mirror's table for them."""
+    for name, body in archives.items():
+        server.files[f"/{name}"] = body
+    return write_table(project / "mirror.tsv", server.url, archives, **columns)
+
+
 def nih_params(project, table, **download_settings):
     return write_params(project, {"data": {"source": "nih", "download": {
-        "archives_table": str(table), "archives": ["images_001.tar.gz", "images_002.tar.gz"],
-        "backoff_seconds": 0.01, **download_settings}}})
+        "archives_table": str(table), "archives": "all", "backoff_seconds": 0.01, "timeout_seconds": 10,
+        **download_settings}}})
 
+
+def fetch(server, target, body, md5=None, images=COUNTS[1], **settings):
+    """download.fetch of `server`'s /a.tar.gz, with quick test settings."""
+    settings = {"retries": 5, "backoff": 0.01, "timeout": 10, **settings}
+    return download.fetch(f"{server.url}/a.tar.gz", target, len(body), md5, images, **settings)
+
+
+ARCHIVES = "data/raw/archives"
+
+
+# ---------------------------------------------------------------- what already held
 
 def test_downloads_verify_and_index_the_archives(project, server, archives):
     table = mirror_table(project, server, archives)
     download.main(nih_params(project, table, workers=2))
-    folder = project / "data/raw/archives"
-    assert sorted(p.name for p in folder.glob("*.tar.gz")) == sorted(archives)
+    folder = project / ARCHIVES
+    assert sorted(p.name for p in folder.glob("*.tar.gz")) == NAMES
     for name, body in archives.items():
         assert (folder / name).read_bytes() == body
     assert not list(folder.glob("*.part"))
     kept = read_csv(project / "data/raw/metadata.csv")
-    where = metadata.archive_of_each_image(metadata.read_metadata(), metadata.read_archive_table())
-    assert set(where.loc[kept["image"]]) == set(archives)
-    assert len(kept) == 4999 + 10000  # what the two real archives hold
+    assert len(kept) == sum(COUNTS)
+    assert json.loads((project / "metrics/download.json").read_text())["found"] == sum(COUNTS)
 
 
 def test_a_verified_archive_is_not_fetched_again(project, server, archives):
@@ -128,9 +211,11 @@ def test_a_smaller_archive_list_keeps_verified_archives_on_disk(project, server,
     table = mirror_table(project, server, archives)
     download.main(nih_params(project, table))
     download.main(nih_params(project, table, archives=["images_001.tar.gz"]))
-    assert (project / "data/raw/archives/images_002.tar.gz").exists()  # 4 GB of real data is not thrown away
+    assert (project / ARCHIVES / "images_002.tar.gz").exists()  # 4 GB of real data is not thrown away
     sources = read_csv(project / "data/raw/sources.csv")
     assert [p.rsplit("/", 1)[1] for p in sources["path"]] == ["images_001.tar.gz"]
+    counts = json.loads((project / "metrics/download.json").read_text())
+    assert (counts["found"], counts["missing"]) == (COUNTS[0], sum(COUNTS) - COUNTS[0])
 
 
 def test_a_cut_transfer_is_resumed_with_a_range_request(project, server, archives):
@@ -138,17 +223,17 @@ def test_a_cut_transfer_is_resumed_with_a_range_request(project, server, archive
     server.files["/a.tar.gz"] = body
     server.cut_first_after = len(body) // 2
     target = project / "a.tar.gz"
-    download.fetch(f"{server.url}/a.tar.gz", target, len(body), hashlib.md5(body).hexdigest(), backoff=0.01)
+    fetch(server, target, body, hashlib.md5(body).hexdigest())
     assert target.read_bytes() == body
     assert server.requests[0] == ("/a.tar.gz", None)
     assert server.requests[1] == ("/a.tar.gz", f"bytes={len(body) // 2}-")
 
 
 def test_a_part_left_by_an_earlier_run_is_resumed(project, server, archives):
-    body = archives["images_001.tar.gz"]
+    body = archives["images_002.tar.gz"]
     server.files["/a.tar.gz"] = body
     (project / "a.tar.gz.part").write_bytes(body[:1000])
-    download.fetch(f"{server.url}/a.tar.gz", project / "a.tar.gz", len(body), hashlib.md5(body).hexdigest())
+    fetch(server, project / "a.tar.gz", body, hashlib.md5(body).hexdigest())
     assert (project / "a.tar.gz").read_bytes() == body
     assert server.requests == [("/a.tar.gz", "bytes=1000-")]
 
@@ -157,27 +242,29 @@ def test_md5_mismatch_is_a_clear_error_and_never_complete(project, server, archi
     table = mirror_table(project, server, archives, md5="0" * 32)
     with pytest.raises(download.DownloadError, match="MD5 .* does not match .*verify_md5: false"):
         download.main(nih_params(project, table))
-    folder = project / "data/raw/archives"
+    folder = project / ARCHIVES
     assert not list(folder.glob("images_00?.tar.gz"))
     assert (folder / "images_001.tar.gz.part").exists()
+    server.requests.clear()
     download.main(nih_params(project, table, verify_md5=False))  # the user trusts the file: no new transfer
+    assert server.requests == []
     assert (folder / "images_001.tar.gz").read_bytes() == archives["images_001.tar.gz"]
 
 
 def test_404_names_the_url(project, server):
-    with pytest.raises(download.DownloadError, match=r"/missing.tar.gz: HTTP 404"):
-        download.fetch(f"{server.url}/missing.tar.gz", project / "m.tar.gz", 10, None, backoff=0.01)
+    with pytest.raises(download.DownloadError, match=r"/a.tar.gz: HTTP 404"):
+        fetch(server, project / "m.tar.gz", b"0123456789")
     assert not (project / "m.tar.gz").exists()
     assert len(server.requests) == 1  # a 404 is not retried
 
 
 def test_a_server_that_ignores_range_is_a_clear_error(project, server, archives):
-    body = archives["images_001.tar.gz"]
+    body = archives["images_002.tar.gz"]
     server.files["/a.tar.gz"] = body
     server.ignore_range = True
     (project / "a.tar.gz.part").write_bytes(body[:1000])
     with pytest.raises(download.DownloadError, match="ignored the Range request"):
-        download.fetch(f"{server.url}/a.tar.gz", project / "a.tar.gz", len(body), None)
+        fetch(server, project / "a.tar.gz", body)
     assert not (project / "a.tar.gz").exists()
     assert (project / "a.tar.gz.part").read_bytes() == body[:1000]
 
@@ -189,13 +276,13 @@ def test_ctrl_c_leaves_no_file_taken_as_complete(project, server, archives):
     child = subprocess.Popen([sys.executable, "-c", f"from stages import download; download.main({params!r})"],
                              cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
-    part = project / "data/raw/archives/images_002.tar.gz.part"
+    part = project / ARCHIVES / "images_002.tar.gz.part"
     deadline = time.time() + 60
     while not (part.exists() and part.stat().st_size >= 4096) and time.time() < deadline:
         time.sleep(0.05)
     child.send_signal(signal.SIGINT)
     assert child.wait(timeout=30) != 0
-    final = project / "data/raw/archives/images_002.tar.gz"
+    final = project / ARCHIVES / "images_002.tar.gz"
     assert not final.exists()
     assert 0 < part.stat().st_size < len(archives["images_002.tar.gz"])
     server.delay = 0
@@ -208,4 +295,273 @@ def test_unknown_archive_name_is_refused(project, server, archives):
     table = mirror_table(project, server, archives)
     with pytest.raises(Exception, match="images_013.tar.gz"):
         download.main(nih_params(project, table, archives=["images_013.tar.gz"]))
-    assert isinstance(pd.read_csv(table, sep="\t"), pd.DataFrame)
+    assert server.requests == []
+
+
+# ---------------------------------------------------------------- 1: a corrupt archive is never complete
+
+def test_a_web_page_instead_of_the_archive_names_the_real_cause(project, server, archives):
+    table = mirror_table(project, server, archives, md5="")
+    page = b"<html><body>Quota exceeded: this file was downloaded too many times today.</body></html>"
+    server.pages["/images_002.tar.gz"] = page
+    size = len(archives["images_002.tar.gz"])
+    with pytest.raises(download.DownloadError,
+                       match=f"images_002.tar.gz: the server sent {len(page)} bytes of text/html, expected {size:,} bytes"):
+        download.main(nih_params(project, table, verify_md5=False))
+    folder = project / ARCHIVES
+    assert not (folder / "images_002.tar.gz").exists()
+    assert not (folder / "images_002.tar.gz.part").exists()  # the page is not taken for a start of the archive
+    assert (folder / "images_001.tar.gz").exists()  # the other archives are fine
+    assert server.requests.count(("/images_002.tar.gz", None)) == 1  # not retried: it would not help
+
+
+def test_a_web_page_answering_a_range_request_is_not_blamed_on_the_range(project, server, archives):
+    body = archives["images_002.tar.gz"]
+    server.pages["/a.tar.gz"] = page = b"<html>quota exceeded</html>"
+    (project / "a.tar.gz.part").write_bytes(body[:1000])
+    with pytest.raises(download.DownloadError, match=f"sent {len(page)} bytes of text/html") as caught:
+        fetch(server, project / "a.tar.gz", body)
+    assert "Range" not in str(caught.value)
+    assert (project / "a.tar.gz.part").read_bytes() == body[:1000]
+
+
+def test_a_gzip_cut_short_is_never_complete_even_without_md5(project, server, archives):
+    cut = {**archives, "images_002.tar.gz": archives["images_002.tar.gz"][:-300]}  # the mirror's own table agrees
+    table = mirror_table(project, server, cut, md5="")
+    with pytest.raises(download.DownloadError,
+                       match="images_002.tar.gz: not a complete gzip'd tar .*, though it has the table's size"):
+        download.main(nih_params(project, table, verify_md5=False))
+    folder = project / ARCHIVES
+    assert not (folder / "images_002.tar.gz").exists()
+    assert (folder / "images_002.tar.gz.part").read_bytes() == cut["images_002.tar.gz"]  # kept, never complete
+    assert not (project / "data/raw/sources.csv").exists()  # crop never sees it
+
+
+def test_an_archive_with_fewer_images_than_the_table_is_never_complete(project, server, archives):
+    short = {**archives, "images_001.tar.gz": make_archive([f"{i:08d}_000.png" for i in range(19)])}
+    table = mirror_table(project, server, short)
+    with pytest.raises(download.DownloadError, match="images_001.tar.gz: holds 19 images, the table gives 20"):
+        download.main(nih_params(project, table))
+    assert not (project / ARCHIVES / "images_001.tar.gz").exists()
+
+
+# ---------------------------------------------------------------- 2: a complete archive is never deleted
+
+def test_turning_md5_checks_on_hashes_the_archives_and_fetches_nothing(project, server, archives):
+    table = mirror_table(project, server, archives)
+    download.main(nih_params(project, table, verify_md5=False))
+    server.requests.clear()
+    download.main(nih_params(project, table, verify_md5=True))
+    assert server.requests == []
+    for name, body in archives.items():
+        assert (project / ARCHIVES / name).read_bytes() == body
+
+
+def test_an_upper_case_md5_is_the_same_md5(project, server, archives):
+    table = mirror_table(project, server, archives,
+                         md5=[hashlib.md5(b).hexdigest().upper() for b in archives.values()])
+    download.main(nih_params(project, table))
+    server.requests.clear()
+    download.main(nih_params(project, table))
+    assert server.requests == []
+
+
+def test_a_file_larger_than_the_table_is_an_error_that_keeps_it(project, server, archives):
+    table = mirror_table(project, server, archives)
+    folder = project / ARCHIVES
+    folder.mkdir(parents=True)
+    too_long = archives["images_002.tar.gz"] + b"junk" * 10
+    (folder / "images_002.tar.gz.part").write_bytes(too_long)
+    for _ in range(2):  # the same error each run: nothing deleted, nothing fetched
+        with pytest.raises(download.DownloadError, match="images_002.tar.gz.part holds .* more than the"):
+            download.main(nih_params(project, table, archives=["images_002.tar.gz"]))
+        assert (folder / "images_002.tar.gz.part").read_bytes() == too_long
+    assert server.requests == []
+
+
+def test_a_file_in_place_of_another_size_is_an_error_that_keeps_it(project, server, archives):
+    table = mirror_table(project, server, archives)
+    folder = project / ARCHIVES
+    folder.mkdir(parents=True)
+    (folder / "images_001.tar.gz").write_bytes(b"not this one")
+    with pytest.raises(download.DownloadError, match="images_001.tar.gz has 12 bytes, the table gives"):
+        download.main(nih_params(project, table, archives=["images_001.tar.gz"]))
+    assert (folder / "images_001.tar.gz").read_bytes() == b"not this one"
+
+
+def test_synthetic_archives_never_replace_downloaded_ones(project, server, archives):
+    table = mirror_table(project, server, archives)
+    download.main(nih_params(project, table))
+    with pytest.raises(StageError, match="holds downloaded NIH archives"):
+        download.main(write_params(project, {"data": {"source": "synthetic"}}))
+    for name, body in archives.items():
+        assert (project / ARCHIVES / name).read_bytes() == body
+
+
+# ---------------------------------------------------------------- 3: retries and Ctrl-C
+
+def test_tries_that_bring_bytes_do_not_use_up_the_retries(project, server, archives):
+    body = archives["images_003.tar.gz"]
+    server.files["/a.tar.gz"] = body
+    server.cut_every_after = 8192
+    fetch(server, project / "a.tar.gz", body, images=COUNTS[2], retries=1)
+    assert (project / "a.tar.gz").read_bytes() == body
+    assert len(server.requests) > 4  # each cut, each resumed
+
+
+def test_tries_without_progress_give_up_after_the_retries(project, server, archives):
+    server.status = 503
+    with pytest.raises(download.DownloadError, match="gave up after 3 tries in a row without progress"):
+        fetch(server, project / "a.tar.gz", archives["images_002.tar.gz"], retries=2)
+    assert len(server.requests) == 3
+
+
+def test_ctrl_c_acts_within_a_second_on_a_stalled_socket(project, server, archives):
+    body = archives["images_002.tar.gz"]
+    server.files["/a.tar.gz"] = body
+    server.stall_after = 4096
+    stop, outcome = threading.Event(), {}
+    part = project / "a.tar.gz.part"
+
+    def run():
+        try:
+            fetch(server, project / "a.tar.gz", body, timeout=60, stop=stop)
+        except BaseException as error:  # noqa: BLE001 - the test looks at what it was
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.time() + 10
+    while _size(part) < 4096 and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # stalled now
+    stop.set()
+    asked = time.monotonic()
+    worker.join(timeout=5)
+    assert time.monotonic() - asked < 1.0 and not worker.is_alive()
+    assert isinstance(outcome["error"], KeyboardInterrupt)
+    assert part.read_bytes() == body[:4096]  # kept for resuming
+
+
+def test_a_stalled_socket_still_ends_after_timeout_seconds(project, server, archives):
+    body = archives["images_002.tar.gz"]
+    server.files["/a.tar.gz"] = body
+    server.stall_after = 4096
+    started = time.monotonic()
+    with pytest.raises(download.DownloadError, match=r"no data for 0.5 s .*\.part \(4,096 bytes\) is kept"):
+        fetch(server, project / "a.tar.gz", body, timeout=0.5, retries=0)
+    assert time.monotonic() - started < 5
+
+
+def _size(path):
+    return path.stat().st_size if path.exists() else 0
+
+
+# ---------------------------------------------------------------- 6: the table is checked before any transfer
+
+def _comma_separated(path, server, archives):
+    write_table(path, server.url, archives)
+    path.write_text(path.read_text().replace("\t", ","))
+
+
+@pytest.mark.parametrize("fault, message", [
+    (_comma_separated, r"mirror.tsv: the columns are separated by commas"),
+    (lambda path, server, archives: write_table(path, server.url, archives).write_text(
+        "\n".join(line.rsplit("\t", 1)[0] for line in path.read_text().splitlines())),
+     r"mirror.tsv: no column images"),
+    (lambda path, server, archives: write_table(path, server.url, archives, bytes=["3.5MB", "1", "2"]),
+     r"mirror.tsv, line 2 \(images_001.tar.gz\), column bytes: '3.5MB' is not a whole number of bytes"),
+    (lambda path, server, archives: write_table(path, server.url, archives, md5=["abc", "", ""]),
+     r"mirror.tsv, line 2 \(images_001.tar.gz\), column md5: 'abc' is not 32 hex digits"),
+    (lambda path, server, archives: write_table(path, server.url, archives, images=[20, 30, 41]),
+     r"mirror.tsv, column images: adds up to 91 images, the metadata lists 90"),
+])
+def test_a_bad_archive_table_is_a_one_line_error_before_any_transfer(project, server, archives, fault, message):
+    mirror_table(project, server, archives)
+    table = project / "mirror.tsv"
+    fault(table, server, archives)
+    with pytest.raises(StageError, match=message) as caught:
+        download.main(nih_params(project, table))
+    assert "\n" not in str(caught.value)
+    assert server.requests == []
+
+
+def test_a_bad_table_through_the_command_line_is_one_line_and_no_traceback(project, server, archives):
+    table = mirror_table(project, server, archives, bytes=["3.5MB", "1", "2"])
+    params = nih_params(project, table)
+    done = subprocess.run([sys.executable, "-m", "stages.download", "--params", params], cwd=project,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "3.5MB" in done.stderr
+
+
+def test_an_empty_md5_column_means_no_md5_with_a_warning(project, server, archives, capsys):
+    table = mirror_table(project, server, archives, md5="")
+    download.main(nih_params(project, table))
+    assert "warning:" in capsys.readouterr().err
+    for name, body in archives.items():
+        assert (project / ARCHIVES / name).read_bytes() == body
+
+
+# ---------------------------------------------------------------- 6: a full or read-only disk
+
+def test_too_little_free_space_is_an_error_before_any_transfer(project, server, archives, monkeypatch):
+    table = mirror_table(project, server, archives)
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    needed = sum(map(len, archives.values()))
+    with pytest.raises(download.DownloadError, match=f"data/raw/archives: the archives need {needed:,} more bytes, "
+                                                     "1,000 are free there"):
+        download.main(nih_params(project, table))
+    assert server.requests == []
+
+
+class FullDisk:
+    """A file whose writes fail once `room` bytes are written (or at once): what open() gives on a full disk."""
+
+    def __init__(self, path, mode, room):
+        self.handle, self.room = open(path, mode), room
+
+    def write(self, data):
+        fits = data[:self.room]
+        self.handle.write(fits)
+        self.handle.flush()
+        self.room -= len(fits)
+        if len(fits) < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return len(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def test_a_full_disk_during_download_names_the_file_and_the_space_needed(project, server, archives, monkeypatch):
+    table = mirror_table(project, server, archives)
+    monkeypatch.setattr(download, "open", lambda path, mode="r": FullDisk(path, mode, 16384), raising=False)
+    size = len(archives["images_003.tar.gz"])
+    part = project / ARCHIVES / "images_003.tar.gz.part"
+    with pytest.raises(download.DownloadError, match=f"cannot write {ARCHIVES}/images_003.tar.gz.part: "
+                                                     f"No space left on device; it needs {size - 16384:,} more bytes"):
+        download.main(nih_params(project, table, archives=["images_003.tar.gz"]))
+    assert part.read_bytes() == archives["images_003.tar.gz"][:16384]  # kept for resuming
+    assert len(server.requests) == 1  # not retried: another try would fail the same way
+    monkeypatch.delattr(download, "open")
+    download.main(nih_params(project, table, archives=["images_003.tar.gz"]))  # space freed: it resumes
+    assert server.requests[-1] == ("/images_003.tar.gz", "bytes=16384-")
+
+
+def test_a_read_only_folder_is_named(project, server, archives, monkeypatch):
+    table = mirror_table(project, server, archives)
+
+    def read_only(path, mode="r"):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(download, "open", read_only, raising=False)
+    with pytest.raises(download.DownloadError, match="cannot write .*images_001.tar.gz.part: Read-only file system"):
+        download.main(nih_params(project, table, archives=["images_001.tar.gz"]))

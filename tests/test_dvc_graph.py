@@ -2,6 +2,7 @@
 no stage imports another, and imports flow one way (stages -> library; tools -> library)."""
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -12,7 +13,14 @@ from .conftest import REPO
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = list(DVC_YAML["stages"])
-PIPELINE = [f"stages/{name}.py" for name in STAGES]
+PROCESSING = STAGES[1:]  # after `check`, which runs every stage's params check through the CLI
+PIPELINE = [f"stages/{name}.py" for name in PROCESSING]
+
+
+def module_of(dvc_yaml: dict, stage: str) -> str:
+    """The module a stage's cmd runs: `python -m stages.crop` -> stages.crop, `python -m stages check` -> stages.__main__."""
+    module = re.search(r"-m (\S+)", dvc_yaml["stages"][stage]["cmd"]).group(1)
+    return module if "." in module else f"{module}.__main__"
 
 
 def code_deps(dvc_yaml: dict, stage: str) -> set[str]:
@@ -23,16 +31,24 @@ def mismatches(dvc_yaml: dict) -> dict[str, dict[str, list[str]]]:
     """For each stage whose code deps differ from its imports: what dvc.yaml misses and what it lists in excess."""
     out = {}
     for stage in dvc_yaml["stages"]:
-        imported, listed = set(imports.project_files(f"stages.{stage}")), code_deps(dvc_yaml, stage)
+        imported, listed = set(imports.project_files(module_of(dvc_yaml, stage))), code_deps(dvc_yaml, stage)
         if imported != listed:
             out[stage] = {"missing": sorted(imported - listed), "extra": sorted(listed - imported)}
     return out
 
 
-def test_the_pipeline_has_the_seven_stages_in_order():
-    assert STAGES == ["download", "filter", "crop", "split", "resample", "train", "evaluate"]
-    for stage in STAGES:
-        assert f"-m stages.{stage}" in DVC_YAML["stages"][stage]["cmd"]
+def test_the_pipeline_has_the_check_then_the_seven_stages_in_order():
+    assert STAGES == ["check", "download", "filter", "crop", "split", "resample", "train", "evaluate"]
+    assert DVC_YAML["stages"]["check"]["cmd"] == "python -m stages check"
+    for stage in PROCESSING:
+        assert DVC_YAML["stages"][stage]["cmd"] == f"python -m stages.{stage}"
+
+
+def test_the_check_comes_before_any_work_and_reads_every_section():
+    from cxr14.params import SECTIONS
+
+    assert "data/check/params.ok" in DVC_YAML["stages"]["download"]["deps"]
+    assert set(DVC_YAML["stages"]["check"]["params"]) == set(SECTIONS)
 
 
 def test_every_stage_lists_exactly_the_code_it_imports():
@@ -49,11 +65,11 @@ def test_the_check_fails_when_a_dep_is_removed_or_added():
 
 def test_the_labels_module_is_a_dep_of_every_stage_that_reads_labels():
     users = {stage for stage in STAGES if "cxr14/labels.py" in code_deps(DVC_YAML, stage)}
-    # download: the synthetic generator draws a sign per finding
-    assert users == {"download", "split", "resample", "train", "evaluate"}
+    # download: the synthetic generator draws a sign per finding; check: it runs every stage's checks
+    assert users == {"check", "download", "split", "resample", "train", "evaluate"}
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", PROCESSING)
 def test_no_stage_imports_another_stage(stage):
     imported = set(imports.project_files(f"stages.{stage}"))
     assert imported & set(PIPELINE) == {f"stages/{stage}.py"}

@@ -33,7 +33,7 @@ def clone(tmp_path_factory):
 
 def test_dvc_runs_every_stage_and_shows_the_metrics(clone):
     out = exp_run(clone, "smoke-a", *SMOKE)
-    for stage in ("download", "filter", "crop", "split", "resample", "train", "evaluate"):
+    for stage in ("check", "download", "filter", "crop", "split", "resample", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads(sh(clone, "dvc", "metrics", "show", "--json"))
     files = next(iter(metrics.values()))["data"]
@@ -73,5 +73,14 @@ def test_editing_a_library_module_makes_exactly_its_users_stale(clone):
         labels.write_text(original)
     users = {s for s in ("download", "filter", "crop", "split", "resample", "train", "evaluate")
              if "cxr14/labels.py" in imports.project_files(f"stages.{s}")}
-    assert set(stale) == users == {"download", "split", "resample", "train", "evaluate"}
-    assert all({"changed deps": {"cxr14/labels.py": "modified"}} in stale[s] for s in users)
+    assert users == {"download", "split", "resample", "train", "evaluate"}
+    assert set(stale) == users | {"check"}  # check runs every stage's params check
+    assert all({"changed deps": {"cxr14/labels.py": "modified"}} in stale[s] for s in set(stale))
+
+
+def test_a_bad_value_anywhere_stops_the_pipeline_before_download(clone):
+    done = subprocess.run(["dvc", "exp", "run", "-n", "typo", *[a for o in SMOKE for a in ("-S", o)],
+                           "-S", "evaluate.bootstrap=-1"], cwd=clone, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "evaluate.bootstrap = -1" in done.stdout + done.stderr
+    assert "Running stage 'download'" not in done.stdout

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import shutil
 import tarfile
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr14 import packed_images
+from cxr14 import metadata, packed_images
 from cxr14.atomic import read_csv
 from cxr14.images import iter_archive, to_gray
 from cxr14.params import StageError
@@ -139,3 +140,75 @@ def test_crop_rows_hold_the_images_of_the_index(project, nih_copy):
         originals.update({name: to_gray(Image.open(io.BytesIO(data))) for name, data in iter_archive(archive)})
     for row in index.sample(5, random_state=0).itertuples():
         assert np.array_equal(images[row.row], originals[row.image])  # 64 px in, 64 px out, no crop
+
+
+# ---------------------------------------------------------------- what a local folder holds, counted; duplicates stop
+
+def download_local(project, folder):
+    download.main(write_params(project, {"data": {"source": "local", "local_dir": str(folder)}}))
+    return read_csv(project / "data/raw/metadata.csv"), json.loads((project / "metrics/download.json").read_text())
+
+
+def test_loose_pngs_beside_archives_are_both_read_and_counted(project, nih_copy):
+    archives = sorted(nih_copy.glob("*.tar.gz"))
+    loose = dict(iter_archive(archives[0]))
+    archives[0].unlink()  # its images now lie loose beside the other archives
+    for name, data in loose.items():
+        (nih_copy / name).write_bytes(data)
+    in_archives = {name for archive in archives[1:] for name, _ in iter_archive(archive)}
+    kept, counts = download_local(project, nih_copy)
+    assert set(kept["image"]) == set(loose) | in_archives
+    total = len(metadata.read_metadata())
+    assert counts["found"] == len(kept) and counts["missing"] == total - len(kept)
+    assert (counts["archives"], counts["png_files"]) == (len(archives) - 1, len(loose))
+
+
+def duplicate_cases():
+    def two_archives(folder):
+        (folder / "again").mkdir()
+        shutil.copy(sorted(folder.glob("*.tar.gz"))[0], folder / "again")
+        return "again/images_00"
+
+    def archive_and_png(folder):
+        name, data = next(iter_archive(sorted(folder.glob("*.tar.gz"))[0]))
+        (folder / name).write_bytes(data)
+        return name
+
+    def two_folders(folder):
+        archive = sorted(folder.glob("*.tar.gz"))[0]
+        name, data = next(iter_archive(archive))
+        archive.unlink()
+        for sub in ("a", "b"):
+            (folder / sub).mkdir()
+            (folder / sub / name).write_bytes(data)
+        return f"{name} in a/{name} and b/{name}"
+
+    return [two_archives, archive_and_png, two_folders]
+
+
+@pytest.mark.parametrize("make_duplicate", duplicate_cases(), ids=lambda f: f.__name__)
+def test_an_image_found_twice_is_an_error_listing_it(project, nih_copy, make_duplicate):
+    shown = make_duplicate(nih_copy)
+    before = (project / "data/raw/sources.csv").read_text()  # the synthetic run's, that made the copy
+    with pytest.raises(StageError, match=r"images are there more than once, so which copy is read would depend on "
+                                         r"timing: .*" + re.escape(shown)) as caught:
+        download_local(project, nih_copy)
+    assert "\n" not in str(caught.value)
+    assert (project / "data/raw/sources.csv").read_text() == before  # stopped before crop could race
+
+
+def test_a_truncated_local_archive_is_named(project, nih_copy):
+    archive = sorted(nih_copy.glob("*.tar.gz"))[1]
+    archive.write_bytes(archive.read_bytes()[:-500])
+    with pytest.raises(StageError, match=f"{re.escape(str(archive))} is not a complete gzip'd tar"):
+        download_local(project, nih_copy)
+
+
+def test_local_keeps_downloaded_archives_of_the_workspace(project, nih_copy):
+    folder = project / "data/raw/archives"
+    shutil.rmtree(folder)
+    folder.mkdir()
+    (folder / "images_001.tar.gz").write_bytes(b"hours of download")
+    (folder / ".images_001.tar.gz.verified").write_text("17 - 4999")
+    download_local(project, nih_copy)
+    assert (folder / "images_001.tar.gz").read_bytes() == b"hours of download"

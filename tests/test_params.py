@@ -43,6 +43,11 @@ def test_unknown_label_in_resample_targets(project):
     assert error.key == "resample.targets.Hernai" and "Hernia" in error.valid
 
 
+def test_a_resample_target_too_large_for_memory_names_the_key(project):
+    error = error_of(resample, project, {"resample": {"targets": {"Hernia": 2_500_000_000}}})
+    assert error.key == "resample.targets.Hernia" and "<= 1000000" in str(error)
+
+
 def test_a_misspelt_key_is_an_error_not_a_silent_default(project):
     error = error_of(crop, project, {"crop": {"fracton": 0.5}})
     assert error.key == "crop.fracton" and "fraction" in error.valid
@@ -145,3 +150,20 @@ def test_split_sizes_that_leave_a_part_empty_name_the_key(tiny_pipeline, project
     with pytest.raises(ParamError) as caught:
         split.split(index, split.check(load(write_params(project, {"split": {"method": "random", "sizes": [0.9, 0.1, 0.0]}}))))
     assert caught.value.key == "split.sizes" and "the test part" in str(caught.value)
+
+
+def test_cxr_check_names_a_bad_value_of_any_section_before_any_work(project):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    write_params(project, {"evaluate": {"batch_size": 0}})
+    result = CliRunner().invoke(app, ["check"])
+    assert result.exit_code == 2 and "evaluate.batch_size = 0" in result.output
+    assert not (project / "data" / "check").exists()
+    write_params(project)
+    assert CliRunner().invoke(app, ["check"]).exit_code == 0
+    first = (project / "data/check/params.ok").read_bytes()
+    write_params(project, {"train": {"epochs": 7}})
+    assert CliRunner().invoke(app, ["check"]).exit_code == 0
+    assert (project / "data/check/params.ok").read_bytes() == first  # nothing after it becomes stale
