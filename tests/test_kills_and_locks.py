@@ -158,3 +158,13 @@ def test_temporary_files_of_live_writers_are_left_alone(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_text("new")
     assert live.exists() and not dead.exists() and target.read_text() == "new"
+
+
+def test_crop_stops_before_any_work_when_the_disk_cannot_hold_the_array(pipeline, monkeypatch):
+    params = write_params(pipeline, {"crop": {"size": 48}})
+    before = (pipeline / "data/crop/images.npy").stat().st_mtime_ns
+    monkeypatch.setattr(crop.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(crop.P.StageError) as caught:
+        crop.main(params)
+    assert "data/crop/images.npy needs" in str(caught.value) and "1,000 free" in str(caught.value)
+    assert (pipeline / "data/crop/images.npy").stat().st_mtime_ns == before and not temporary_arrays(pipeline)
