@@ -199,12 +199,15 @@ def test_downloads_verify_and_index_the_archives(project, server, archives):
     assert json.loads((project / "metrics/download.json").read_text())["found"] == sum(COUNTS)
 
 
-def test_a_verified_archive_is_not_fetched_again(project, server, archives):
-    table = mirror_table(project, server, archives)
+def second_run_fetches_nothing(project, server, table) -> bool:
     download.main(nih_params(project, table))
     server.requests.clear()
     download.main(nih_params(project, table))
-    assert server.requests == []
+    return server.requests == []
+
+
+def test_a_verified_archive_is_not_fetched_again(project, server, archives):
+    assert second_run_fetches_nothing(project, server, mirror_table(project, server, archives))
 
 
 def test_a_smaller_archive_list_keeps_verified_archives_on_disk(project, server, archives):
@@ -360,10 +363,7 @@ def test_turning_md5_checks_on_hashes_the_archives_and_fetches_nothing(project, 
 def test_an_upper_case_md5_is_the_same_md5(project, server, archives):
     table = mirror_table(project, server, archives,
                          md5=[hashlib.md5(b).hexdigest().upper() for b in archives.values()])
-    download.main(nih_params(project, table))
-    server.requests.clear()
-    download.main(nih_params(project, table))
-    assert server.requests == []
+    assert second_run_fetches_nothing(project, server, table)
 
 
 def test_a_file_larger_than_the_table_is_an_error_that_keeps_it(project, server, archives):

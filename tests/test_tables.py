@@ -80,7 +80,8 @@ def smoke_args():
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name, columns", [("optimizer_14", 3), ("optimizer_15", 2), ("binary_fibrosis", 2)])
+@pytest.mark.parametrize("name, columns", [("optimizer_14", 3), ("optimizer_15", 2), ("binary_fibrosis", 2),
+                                           ("findings_only_vs_15", 2)])  # one table of each task kind
 def test_a_table_of_each_task_kind_runs_and_shows(clone, name, columns):
     out = cxr(clone, "table", "run", name, "--demo", *smoke_args()).stdout
     assert f"table {name}: {columns} run, 0 kept, 0 failed" in out
