@@ -69,6 +69,9 @@ _ticks = None  # each worker's end of the progress queue (set by _start_worker)
 def _start_worker(ticks) -> None:
     global _ticks
     _ticks = ticks
+    # Pool.terminate() ends workers with SIGTERM: the default action, not the stage's handler inherited
+    # through fork (which unwinds Python and can wait forever on the progress queue's feeder thread).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     die_with_parent(signal.SIGKILL)  # a killed stage leaves no worker behind
 
 
@@ -136,11 +139,12 @@ def main(params_path: str = P.PARAMS_FILE, raw: Path = Path("data/raw"), filtere
                 task = bar.add_task(f"crop {config.fraction:g} -> {config.size}px ({workers} processes)", total=len(index))
                 results = [pool.apply_async(_crop_group, (group, rows, str(tmp), config.fraction, config.size))
                            for group in groups]
-                while not all(r.ready() for r in results) or not ticks.empty():
+                while not all(r.ready() for r in results):
                     try:
                         bar.advance(task, ticks.get(timeout=0.1))
                     except queue.Empty:
                         pass
+                bar.update(task, completed=len(index))
                 for result in results:
                     names, errors = result.get()
                     for name in names:

@@ -32,6 +32,12 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler of its own for the signal (/proc: SigCgt)."""
+    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask.split()[1], 16) >> (signum - 1) & 1)
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
@@ -77,6 +83,9 @@ def test_kill_9_of_crop_ends_its_workers_and_the_next_run_removes_its_temporary_
     try:
         assert wait_until(lambda: temporary_arrays(pipeline) and len(children(stage.pid)) >= 1)
         workers = children(stage.pid)
+        # Pool.terminate() ends workers with SIGTERM: they must not run the stage's own SIGTERM handler
+        # (inherited through fork, it unwinds Python and once left a worker waiting forever).
+        assert all(not catches(pid, signal.SIGTERM) for pid in workers) and catches(stage.pid, signal.SIGTERM)
         stage.kill()
         stage.wait()
         assert wait_until(lambda: not any(alive(pid) for pid in workers), 10), "workers outlived the stage"
