@@ -42,6 +42,14 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         os.kill(os.getpid(), sig)
 
 
+def worker_process() -> None:
+    """The initializer of a stage's worker processes: they die with the stage (even on kill -9), and
+    SIGTERM (Pool.terminate) takes its default action rather than the stage's handler inherited
+    through fork, which unwinds Python and once left a worker waiting forever on a queue's thread."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(signal.SIGKILL)
+
+
 def _terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds: temporary outputs are removed, worker pools terminated
 

@@ -12,7 +12,6 @@ import multiprocessing
 import os
 import queue
 import shutil
-import signal
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from cxr14 import packed_images, progress
 from cxr14 import params as P
 from cxr14.atomic import atomic_path, read_csv, write_csv, write_json
 from cxr14.images import iter_sources, open_png, to_gray
-from cxr14.stage import die_with_parent
+from cxr14.stage import worker_process
 
 PNG_CHUNK = 256
 
@@ -69,10 +68,7 @@ _ticks = None  # each worker's end of the progress queue (set by _start_worker)
 def _start_worker(ticks) -> None:
     global _ticks
     _ticks = ticks
-    # Pool.terminate() ends workers with SIGTERM: the default action, not the stage's handler inherited
-    # through fork (which unwinds Python and can wait forever on the progress queue's feeder thread).
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    die_with_parent(signal.SIGKILL)  # a killed stage leaves no worker behind
+    worker_process()  # dies with the stage; SIGTERM (Pool.terminate) ends it at once
 
 
 def _crop_group(sources: pd.DataFrame, rows: dict[str, int], array_path: str, fraction: float,

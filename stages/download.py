@@ -40,6 +40,7 @@ from cxr14 import params as P
 from cxr14 import progress, synthetic
 from cxr14.atomic import atomic_path, write_csv, write_json
 from cxr14.images import ArchiveError, list_archive, scan_local
+from cxr14.stage import worker_process
 
 RAW = Path("data/raw")
 SOURCES = ("nih", "local", "synthetic")
@@ -399,7 +400,7 @@ def make_synthetic(config: DataConfig, directory: Path, metadata: pd.DataFrame) 
     for stale in directory.iterdir():
         stale.unlink()
     groups = list(drawn.groupby("archive"))
-    with progress.items() as bar, ProcessPoolExecutor(min(os.cpu_count() or 1, len(groups))) as pool:
+    with progress.items() as bar, ProcessPoolExecutor(min(os.cpu_count() or 1, len(groups)), initializer=worker_process) as pool:
         task = bar.add_task("synthetic images", total=len(drawn))
         futures = [pool.submit(_write_archive, directory / name, rows, config.image_size, config.seed, blacklist)
                    for name, rows in groups]
@@ -420,7 +421,8 @@ def where_local_images_are(sources: pd.DataFrame) -> dict[str, list[str]]:
         places.setdefault(row.image, []).append(row.path)
     paths = list(sources["path"][sources["kind"] == "tar"])
     if paths:
-        with progress.items() as bar, ProcessPoolExecutor(min(os.cpu_count() or 1, len(paths))) as pool:
+        workers = min(os.cpu_count() or 1, len(paths))
+        with progress.items() as bar, ProcessPoolExecutor(workers, initializer=worker_process) as pool:
             task = bar.add_task("listing local archives", total=len(paths))
             for path, listed in zip(paths, pool.map(list_archive, paths)):
                 for name in listed:
