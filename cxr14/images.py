@@ -27,7 +27,7 @@ def scan_local(directory: str | Path) -> pd.DataFrame:
     if not directory.is_dir():
         raise FileNotFoundError(f"data.local_dir = {str(directory)!r} is not a folder")
     archives = sorted(directory.rglob(ARCHIVE_GLOB))
-    pngs = sorted(directory.rglob("*.png"))
+    pngs = sorted(directory.rglob("*.[pP][nN][gG]"))  # a hospital's export may say .PNG
     if not archives and not pngs:
         raise FileNotFoundError(f"data.local_dir = {str(directory)!r} holds no *.png files and no {ARCHIVE_GLOB} archives")
     return pd.concat([pd.DataFrame({"kind": "tar", "path": [str(p) for p in archives], "image": ""}),

@@ -6,6 +6,7 @@ Every index file the stages write has at least the columns of INDEX_COLUMNS, one
 from __future__ import annotations
 
 import re
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -23,21 +24,120 @@ BLACKLISTS = {
 }
 ARCHIVE_COLUMNS = ("archive", "url", "bytes", "md5", "images")
 INDEX_COLUMNS = ["image", "patient_id", "follow_up", "view", "labels"]
-_NIH_COLUMNS = {
+# A Data_Entry-style CSV (NIH's, Kaggle's sample_labels.csv, a hospital's own export): the columns the
+# stages need, and those kept when present (nothing downstream reads them; missing ones stay empty).
+REQUIRED_COLUMNS = {
     "Image Index": "image",
     "Patient ID": "patient_id",
-    "Follow-up #": "follow_up",
     "View Position": "view",
     "Finding Labels": "labels",
 }
+OPTIONAL_COLUMNS = {"Follow-up #": "follow_up", "Patient Age": "age", "Patient Gender": "sex"}
+_AGE = re.compile(r"^\s*(\d+)\s*([YMDymd]?)\s*$")  # 57 (v2020), 060Y (2017 files), a few 011M or 005D
 
 
 def read_metadata(path: str | Path | None = None) -> pd.DataFrame:
-    """NIH's Data_Entry CSV as an index: image, patient_id, follow_up, view, labels (plus age and sex)."""
-    path = Path(path) if path else REFERENCE / METADATA_FILE
-    raw = pd.read_csv(path, dtype={"Image Index": str, "Finding Labels": str})
-    frame = raw.rename(columns={**_NIH_COLUMNS, "Patient Age": "age", "Patient Gender": "sex"})
-    return frame[INDEX_COLUMNS + ["age", "sex"]].sort_values("image", ignore_index=True)
+    """A Data_Entry-style CSV as an index: image, patient_id, follow_up, view, labels (plus age and sex),
+    sorted by image. None = NIH's (data/reference), otherwise the user's own (params: data.metadata).
+
+    Checked whole, each problem one line naming the file (and the line): the columns of REQUIRED_COLUMNS
+    (those of OPTIONAL_COLUMNS may be missing), nothing empty in them but View Position, image names
+    given once, whole-number patient IDs. Ages become whole years (Kaggle's 060Y -> 60).
+    """
+    path = Path(path).expanduser() if path else REFERENCE / METADATA_FILE
+    raw = _read_csv(path)
+    missing = [column for column in REQUIRED_COLUMNS if column not in raw.columns]
+    if missing:
+        shown = ", ".join(list(raw.columns[:8]) + (["..."] if len(raw.columns) > 8 else []))
+        raise StageError(f"{path}: no column {', '.join(missing)} (its header: {shown}); a Data_Entry-style CSV "
+                         f"has the columns {', '.join(REQUIRED_COLUMNS)} (and optionally {', '.join(OPTIONAL_COLUMNS)}), "
+                         "comma-separated")
+    raw = raw[[column for column in [*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS] if column in raw.columns]]
+    raw = raw.apply(lambda column: column.str.strip())
+    for column in ("Image Index", "Patient ID", "Finding Labels"):
+        _no_empty(path, raw, column)
+    _unique_names(path, raw["Image Index"])
+    frame = pd.DataFrame({
+        "image": raw["Image Index"],
+        "patient_id": _patient_ids(path, raw),
+        "follow_up": _whole_numbers(raw.get("Follow-up #"), len(raw)),
+        "view": raw["View Position"],
+        "labels": _labels(raw),
+        "age": _years(raw.get("Patient Age"), len(raw)),
+        "sex": raw["Patient Gender"] if "Patient Gender" in raw.columns else "",
+    })
+    return frame.sort_values("image", ignore_index=True)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """Every cell as text (column names stripped); a file that is not a CSV is one line naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the metadata CSV is not there (data.metadata)")
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError,
+            zlib.error) as error:  # OSError: unreadable, or a .gz that is not gzip'd
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise StageError(f"{path}: not a readable Data_Entry-style CSV ({reason})") from None
+    raw.columns = [str(column).strip() for column in raw.columns]
+    if len(raw.columns) == 1 and "\t" in raw.columns[0]:
+        raise StageError(f"{path}: the columns are separated by tabs; a Data_Entry-style CSV is comma-separated")
+    return raw
+
+
+def _line(raw: pd.DataFrame, row: int) -> str:
+    """Where a row is, for an error: its line in the file (the header is line 1) and its image."""
+    name = raw["Image Index"].iloc[row] if "Image Index" in raw.columns else ""
+    return f"line {row + 2}" + (f" ({name})" if name else "")
+
+
+def _no_empty(path: Path, raw: pd.DataFrame, column: str) -> None:
+    empty = (raw[column] == "").to_numpy().nonzero()[0]
+    if len(empty):
+        hint = " (write No Finding for an image without findings)" if column == "Finding Labels" else ""
+        more = f" and {len(empty) - 1} more rows" if len(empty) > 1 else ""
+        raise StageError(f"{path}, {_line(raw, empty[0])}{more}, column {column}: empty{hint}")
+
+
+def _unique_names(path: Path, names: pd.Series) -> None:
+    twice = sorted(set(names[names.duplicated()]))
+    if twice:
+        shown = ", ".join(twice[:5]) + (", ..." if len(twice) > 5 else "")
+        raise StageError(f"{path}, column Image Index: {len(twice)} image names are listed more than once "
+                         f"({shown}); each image needs exactly one row")
+
+
+def _patient_ids(path: Path, raw: pd.DataFrame) -> pd.Series:
+    text = raw["Patient ID"]
+    bad = (~text.str.isdigit()).to_numpy().nonzero()[0]
+    if len(bad):
+        raise StageError(f"{path}, {_line(raw, bad[0])}, column Patient ID: {text.iloc[bad[0]]!r} is not a whole "
+                         "number (patients are numbered, as in NIH's metadata: 1, 2, ...)")
+    return text.astype("int64")
+
+
+def _whole_numbers(text: pd.Series | None, rows: int) -> pd.Series:
+    if text is None:
+        return pd.Series(pd.NA, index=range(rows), dtype="Int64")
+    return pd.to_numeric(text.where(text.str.isdigit()), errors="coerce").astype("Int64")
+
+
+def _years(text: pd.Series | None, rows: int) -> pd.Series:
+    """Ages in whole years (empty where not given or not readable): 57, 060Y -> 60, 011M -> 0."""
+    if text is None:
+        return pd.Series(pd.NA, index=range(rows), dtype="Int64")
+    if text.str.isdigit().all():  # NIH's v2020 file: whole years already
+        return text.astype("int64").astype("Int64")
+    parts = text.str.extract(_AGE)
+    number = pd.to_numeric(parts[0], errors="coerce")
+    per_year = parts[1].str.upper().map({"": 1, "Y": 1, "M": 12, "D": 365})
+    return (number // per_year).astype("Int64")
+
+
+def _labels(raw: pd.DataFrame) -> pd.Series:
+    """Finding Labels as NIH writes them, spaces around | dropped. The names are checked by the download
+    stage (check_labels), which imports cxr14/labels.py: filter reads this module and needs no labels."""
+    return raw["Finding Labels"].str.replace(r"\s*\|\s*", "|", regex=True)
 
 
 def read_archive_table(path: str | Path | None = None) -> pd.DataFrame:

@@ -32,12 +32,16 @@ def _run(stage: str, params: str) -> None:
 def check(params: str = PARAMS) -> None:
     """Stage 0: every section of params.yaml by every stage's own rules, so a typo anywhere stops the
     pipeline in seconds, before a download or a crop of hours."""
+    from cxr14 import models
     from stages import crop, download, evaluate, filter, resample, split, train
 
     try:
         loaded = load(params)
         for module in (download, filter, crop, split, resample, train, evaluate):
             module.check(loaded)
+        model = models.check(loaded)
+        if model.pretrained == "imagenet":  # weights are never fetched: say so now, not after a 45 GB download
+            models.imagenet_weights(model.backbone)
     except ParamError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(2) from None

@@ -5,16 +5,20 @@
   backoff, renamed into place only when complete (size, MD5, and a gzip'd tar holding the table's
   number of images), several at a time. A complete archive on disk is never deleted or fetched again.
 - `local`: a copy the user already has (archives and PNGs in any layout, both read), read in place;
-  an image found twice is an error, never a race between workers.
+  an image found twice is an error, never a race between workers. Its images are listed by NIH's
+  metadata, or by the user's own Data_Entry-style CSV (data.metadata: Kaggle's sample_labels.csv, a
+  hospital's export), checked whole before any image is read.
 - `synthetic`: an NIH-shaped synthetic data set (see cxr14/synthetic.py), written as NIH-named archives.
 
 Outputs: data/raw/metadata.csv (the images that are there), data/raw/sources.csv (where they are),
 data/raw/archives/ (downloaded or synthetic archives), metrics/download.json (how many of the
-metadata's images were found and how many are missing).
+metadata's images were found and how many are missing, how many images of a local folder the metadata
+does not list, and the labels with fewer than FEW_POSITIVES positive images: each is also a warning).
 """
 
 from __future__ import annotations
 
+import difflib
 import errno
 import gzip
 import hashlib
@@ -35,21 +39,23 @@ from pathlib import Path
 
 import pandas as pd
 
+from cxr14 import labels, progress, synthetic
 from cxr14 import metadata as md
 from cxr14 import params as P
-from cxr14 import progress, synthetic
 from cxr14.atomic import atomic_path, write_csv, write_json
 from cxr14.images import ArchiveError, list_archive, scan_local
 from cxr14.stage import worker_process
 
 RAW = Path("data/raw")
 SOURCES = ("nih", "local", "synthetic")
+FEW_POSITIVES = 10  # fewer positive images of a label than this: its AUROC is undefined or noise (a warning, not a setting)
 
 
 @dataclass
 class DataConfig:
     source: str
     local_dir: str | None
+    metadata: str | None  # None = NIH's Data_Entry_2017_v2020.csv.gz
     archives_table: str
     archives: list[str] | None  # None = all
     verify_md5: bool
@@ -70,13 +76,23 @@ def check(params: dict) -> DataConfig:
     local_dir = data.get("local_dir")
     if source == "local" and not local_dir:
         raise P.ParamError("data.local_dir", local_dir, "the folder holding your NIH archives or PNGs (data.source is local)")
+    metadata = data.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, str) or not metadata.strip():
+            raise P.ParamError("data.metadata", metadata, "null (NIH's metadata) or the path of your Data_Entry-style CSV")
+        if source != "local":
+            raise P.ParamError("data.metadata", metadata, f"null with data.source {source} (its images are NIH's, listed "
+                                                          "by NIH's metadata); your own CSV goes with data.source local")
+        if not Path(metadata).expanduser().is_file():
+            raise P.ParamError("data.metadata", metadata, "the path of your Data_Entry-style CSV, but no file is there "
+                                                          "(or null for NIH's metadata)")
     dl = data.section("download")
     archives = dl.get("archives")
     if archives != "all" and not (isinstance(archives, list) and all(isinstance(a, str) for a in archives)):
         raise P.ParamError("data.download.archives", archives, "all, or a list of archive names such as [images_001.tar.gz]")
     syn = data.section("synthetic")
     config = DataConfig(
-        source=source, local_dir=local_dir,
+        source=source, local_dir=local_dir, metadata=metadata,
         archives_table=dl.get("archives_table"),
         archives=None if archives == "all" else archives,
         verify_md5=dl.boolean("verify_md5"),
@@ -458,7 +474,9 @@ def read_nih(config: DataConfig, metadata: pd.DataFrame, directory: Path) -> tup
     return found, pd.DataFrame({"kind": "tar", "path": [str(directory / a) for a in table["archive"]], "image": ""})
 
 
-def read_local(config: DataConfig, metadata: pd.DataFrame, directory: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_local(config: DataConfig, metadata: pd.DataFrame, directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """The metadata's rows found in the user's folder, the folder's sources, and how many of its images
+    the metadata does not list (ignored, but counted: a CSV that lacks rows shows up here)."""
     if directory.is_dir():
         _remove_synthetic(directory)  # downloaded NIH archives stay: they took hours
     sources = scan_local(config.local_dir)
@@ -466,14 +484,46 @@ def read_local(config: DataConfig, metadata: pd.DataFrame, directory: Path) -> t
     check_no_duplicates(places, set(metadata["image"]), config.local_dir)
     found = metadata[metadata["image"].isin(places)]
     if found.empty:
-        raise FileNotFoundError(f"data.local_dir = {config.local_dir!r}: none of its images is in the NIH metadata")
-    return found, sources
+        raise FileNotFoundError(f"data.local_dir = {config.local_dir!r}: none of its {len(places):,} images "
+                                f"({', '.join(sorted(places)[:2])}, ...) is listed in {_none_listed_hint(config)}")
+    return found, sources, len(set(places) - set(metadata["image"]))
+
+
+def _none_listed_hint(config: DataConfig) -> str:
+    if config.metadata:
+        return (f"{config.metadata} (data.metadata): its Image Index column must hold the PNG file names, "
+                "such as 00000001_000.png")
+    csvs = sorted(str(p) for p in Path(config.local_dir).expanduser().rglob("*.csv"))
+    hint = f" (such as {csvs[0]})" if len(csvs) == 1 else f" (one of {', '.join(csvs[:3])})" if csvs else ""
+    return f"NIH's metadata: for images of your own, set data.metadata to your Data_Entry-style CSV{hint}"
+
+
+def check_labels(metadata: pd.DataFrame, path: str) -> None:
+    """Every name in Finding Labels is one of NIH's 15: a misspelt label would be dropped without a word."""
+    names = metadata["labels"].str.split("|").explode()
+    unknown = names[~names.isin(labels.ALL_LABELS)]
+    if len(unknown):
+        first, name = int(unknown.index[0]), unknown.iloc[0]
+        others = unknown.index.nunique() - 1
+        more = f" ({others} more images have unknown labels)" if others else ""
+        lower = {label.lower(): label for label in labels.ALL_LABELS}
+        close = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.85)  # case, spaces, typos
+        hint = f" (did you mean {lower[close[0]]}?)" if close else ""
+        raise P.StageError(f"{path}, the row of {metadata['image'].iloc[first]}, column Finding Labels: unknown label "
+                           f"{name!r}{hint}{more}; the labels are {', '.join(labels.ALL_LABELS)}, separated by |")
+
+
+def few_positives(found: pd.DataFrame) -> dict[str, int]:
+    """The labels with fewer than FEW_POSITIVES positive images among those found, and how many each has."""
+    return {name: n for name, n in labels.counts(found["labels"]).items() if n < FEW_POSITIVES}
 
 
 def main(params_path: str = P.PARAMS_FILE, out: Path = RAW, metrics: Path = Path("metrics/download.json")) -> None:
     config = check(P.load(params_path))
-    metadata = md.read_metadata()
+    metadata = md.read_metadata(config.metadata)
+    check_labels(metadata, config.metadata or str(md.REFERENCE / md.METADATA_FILE))
     archives_dir = out / "archives"
+    unlisted = 0
     try:
         if config.source == "synthetic":
             found = make_synthetic(config, archives_dir, metadata)
@@ -482,22 +532,28 @@ def main(params_path: str = P.PARAMS_FILE, out: Path = RAW, metrics: Path = Path
         elif config.source == "nih":
             found, sources = read_nih(config, metadata, archives_dir)
         else:
-            found, sources = read_local(config, metadata, archives_dir)
-        counts = {"source": config.source, "metadata_images": len(metadata), "found": len(found),
-                  "missing": len(metadata) - len(found), "patients": int(found["patient_id"].nunique()),
-                  "archives": int((sources["kind"] == "tar").sum()),
-                  "png_files": int((sources["kind"] == "png").sum())}
+            found, sources, unlisted = read_local(config, metadata, archives_dir)
+        few = few_positives(found)
+        summary = {"source": config.source, "metadata_images": len(metadata), "found": len(found),
+                   "missing": len(metadata) - len(found), "unlisted": unlisted,
+                   "patients": int(found["patient_id"].nunique()),
+                   "archives": int((sources["kind"] == "tar").sum()),
+                   "png_files": int((sources["kind"] == "png").sum()), "few_positives": few}
         write_csv(out / "sources.csv", sources)
         write_csv(out / "metadata.csv", found.reset_index(drop=True))
-        write_json(metrics, counts)
+        write_json(metrics, summary)
     except OSError as error:  # a full or read-only disk: one line naming the path
         if error.errno not in _DISK_ERRNOS:
             raise
         raise P.StageError(f"cannot write {error.filename or out}: {error.strerror}; free some space "
                            "(or make the folder writable) and run again") from None
-    print(f"download ({config.source}): {counts['found']:,} of the metadata's {counts['metadata_images']:,} images "
-          f"found, {counts['missing']:,} missing; {counts['patients']:,} patients in {counts['archives']} archives "
-          f"and {counts['png_files']:,} PNG files")
+    print(f"download ({config.source}): {summary['found']:,} of the metadata's {summary['metadata_images']:,} images "
+          f"found, {summary['missing']:,} missing; {summary['patients']:,} patients in {summary['archives']} archives "
+          f"and {summary['png_files']:,} PNG files" + (f"; {unlisted:,} images of data.local_dir are not in the "
+                                                       "metadata (left out)" if unlisted else ""))
+    for name, n in few.items():
+        print(f"warning: only {n} of the {len(found):,} images found are labelled {name} (fewer than {FEW_POSITIVES}): "
+              f"its AUROC will be undefined or unreliable", file=sys.stderr)
 
 
 if __name__ == "__main__":

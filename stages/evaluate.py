@@ -141,7 +141,7 @@ def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), sp
     result = evaluate(task, config, y_val, p_val, y, p, loss, test["patient_id"].to_numpy())
     predictions = test[["image", "patient_id", "labels"]].copy()
     for j, name in enumerate(task.names):
-        predictions[f"p_{name}"] = p[:, j].round(6)
+        predictions[f"p_{name}"] = p[:, j]  # full precision: every metric can be recomputed exactly
     write_csv(out / "predictions.csv", predictions)
     write_json(metrics_path, result)
     write_plots(live_dir, task, result, y_val, p_val, y, p)

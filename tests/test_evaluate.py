@@ -34,6 +34,9 @@ def test_multilabel_metrics_predictions_and_plots(trained):
     test = pd.read_csv(trained / "data/split/test.csv")
     assert list(predictions["image"]) == list(test["image"])
     y = predictions["labels"].str.contains("Effusion").to_numpy()
+    for name, value in result["auroc"].items():  # predictions.csv is precise enough to recompute every figure exactly
+        if value is not None:
+            assert roc_auc_score(predictions["labels"].str.contains(name), predictions[f"p_{name}"]) == value
     assert np.isclose(result["auroc"]["Effusion"], roc_auc_score(y, predictions["p_Effusion"]), atol=1e-5)
     for key in ("loss", "auroc_micro", "auroc_macro", "auprc_macro", "auroc_macro_ci", "auroc_ci", "at_threshold"):
         assert key in result

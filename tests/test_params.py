@@ -167,3 +167,15 @@ def test_cxr_check_names_a_bad_value_of_any_section_before_any_work(project):
     write_params(project, {"train": {"epochs": 7}})
     assert CliRunner().invoke(app, ["check"]).exit_code == 0
     assert (project / "data/check/params.ok").read_bytes() == first  # nothing after it becomes stale
+
+
+def test_cxr_check_asks_for_missing_imagenet_weights_before_any_work(project, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "empty-hub"))
+    write_params(project, {"model": {"pretrained": "imagenet", "backbone": "densenet121"}})
+    result = CliRunner().invoke(app, ["check"])
+    assert result.exit_code == 2 and "model.pretrained" in result.output and "densenet121-" in result.output
+    assert not (project / "data" / "check").exists()
