@@ -34,11 +34,12 @@ _PR_SET_PDEATHSIG = 1
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask Linux to send `sig` to this process when its parent exits (no-op elsewhere)."""
+    parent = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig))
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the parent was gone before the request took effect
+    if os.getppid() != parent:  # the parent was gone before the request took effect (PID 1 may be the real one)
         os.kill(os.getpid(), sig)
 
 

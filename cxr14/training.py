@@ -118,7 +118,7 @@ def loss_weights(task: tasks.Task, config: TrainConfig, y_train: np.ndarray, dev
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, pos_weight,
-            weighting: str = "per_label") -> torch.Tensor:
+            weighting: str) -> torch.Tensor:
     """Binary cross-entropy averaged over labels and images, with class weights applied as `weighting` says:
 
     per_label: each label's term times its label's weight.
@@ -207,8 +207,11 @@ def fingerprint(params: dict, packed: Path, files: list[Path], code_module: str 
     of the code that `code_module` imports; for the packed array its size, shape, modification time and
     SAMPLED_ROWS rows spread over it (a rewritten array has a new time, and new crops new pixels).
     """
-    digest = hashlib.sha256(json.dumps({k: params.get(k) for k in FINGERPRINT_SECTIONS}, sort_keys=True,
-                                       default=str).encode())
+    shaping = {k: params.get(k) for k in FINGERPRINT_SECTIONS}
+    if isinstance(shaping.get("data"), dict):  # how the archives are fetched changes no byte of them
+        download = {k: v for k, v in (shaping["data"].get("download") or {}).items() if k in ("archives_table", "archives")}
+        shaping["data"] = {**shaping["data"], "download": download}
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode())
     for name in imports.project_files(code_module):
         digest.update(name.encode() + (imports.ROOT / name).read_bytes())
     for path in files:

@@ -28,9 +28,6 @@ from experiments import demo as demo_settings
 CATALOG = Path("tables.yaml")
 ROW_KINDS = ("loss", "micro", "macro", "labels", "binary", "counts", "images")
 BINARY_ROWS = ("threshold", "tn", "fp", "fn", "tp", "accuracy", "precision", "recall", "f1", "auroc")
-# What sets the data's scale: under --demo the demo's values win even over a column's (the smoke-scale
-# synthetic set has ~3,000 images, not the report's 32,400 / 3,620 / 15,731).
-DEMO_SCALE = ("split.fraction", "split.sizes")
 SAME_RUN = "same_run_as"
 
 
@@ -121,18 +118,27 @@ def _resolve(tables: dict[str, Table], where: str, target: str) -> tuple[Table, 
 def settings(table: Table, column: Column, demo: bool = False, extra: dict | None = None) -> dict[str, Any]:
     """The -S overrides of one column, later ones winning: the table's, the demo's (the table's shared
     settings shrink to smoke scale), the column's own (what the table compares), the demo's data scale
-    (DEMO_SCALE), the column's demo, the user's. A column that is the same run as another
-    (same_run_as) starts from that one's settings: its table's as shared, its column's as its own."""
+    (split.fraction; image counts made smoke_sizes), the column's demo, the user's. A column that is the
+    same run as another (same_run_as) starts from that one's settings: its table's as shared, its column's
+    as its own."""
     reused_table, reused = column.reuses or (None, None)
     merged = {**(reused_table.set if reused_table else {}), **table.set}
     if demo:
         merged.update(demo_settings.DEMO)
     merged.update({**(reused.set if reused else {}), **column.set})
     if demo:
-        merged.update({k: demo_settings.DEMO[k] for k in DEMO_SCALE if k in demo_settings.DEMO})
+        merged["split.fraction"] = demo_settings.DEMO["split.fraction"]
+        if merged.get("split.sizes") is not None:
+            merged["split.sizes"] = smoke_sizes(merged.get("split.method"))
         merged.update({**(reused.demo if reused else {}), **column.demo})
     merged.update(extra or {})
     return merged
+
+
+def smoke_sizes(method: str | None) -> list[float] | None:
+    """What a table's split sizes become on the demo's ~3,000 images, for its split method (params.yaml's if unset)."""
+    method = method or P.load()["split"]["method"]
+    return None if method == "official" else demo_settings.SMOKE_FRACTIONS
 
 
 def provenance(table: Table) -> str:
@@ -171,13 +177,15 @@ def _exp(*args: str) -> subprocess.CompletedProcess:
 
 
 def _same_params(name: str, wanted: dict[str, Any]) -> bool:
+    """The experiment ran with exactly the params this column would run with today: params.yaml as it is
+    now (its defaults may have changed since) with the column's overrides."""
     import dvc.api
 
     try:
         have = dvc.api.params_show(rev=name)
     except Exception:  # the experiment is gone or unreadable: run it again
         return False
-    return P.apply(have, wanted) == have
+    return have == P.apply(P.load(), wanted)
 
 
 def run(name: str, demo: bool = False, extra: list[str] = ()) -> int:

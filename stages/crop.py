@@ -14,6 +14,8 @@ import queue
 import shutil
 import tarfile
 import zlib
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +70,7 @@ _ticks = None  # each worker's end of the progress queue (set by _start_worker)
 def _start_worker(ticks) -> None:
     global _ticks
     _ticks = ticks
-    worker_process()  # dies with the stage; SIGTERM (Pool.terminate) ends it at once
+    worker_process()  # dies with the stage, even on kill -9
 
 
 def _crop_group(sources: pd.DataFrame, rows: dict[str, int], array_path: str, fraction: float,
@@ -94,6 +96,14 @@ def _crop_group(sources: pd.DataFrame, rows: dict[str, int], array_path: str, fr
     _ticks.put(pending)
     array.flush()
     return found, failed
+
+
+def stop(pool: ProcessPoolExecutor) -> None:
+    """End the workers at once (Ctrl-C, SIGTERM, an error): a worker busy with a 10,000-image archive would
+    otherwise finish it first. (The executor keeps its processes in `_processes`; no public call kills them.)"""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_space(path: Path, needed: int) -> None:
@@ -129,23 +139,30 @@ def main(params_path: str = P.PARAMS_FILE, raw: Path = Path("data/raw"), filtere
         try:
             packed_images.create(tmp, len(index), config.size).flush()
             ticks = multiprocessing.Queue()
-            # multiprocessing.Pool, not ProcessPoolExecutor: leaving the block terminates the workers at once
-            # (Ctrl-C, SIGTERM, an error), and no Manager process is left to outlive a kill.
-            with multiprocessing.Pool(workers, _start_worker, (ticks,)) as pool, progress.items() as bar:
-                task = bar.add_task(f"crop {config.fraction:g} -> {config.size}px ({workers} processes)", total=len(index))
-                results = [pool.apply_async(_crop_group, (group, rows, str(tmp), config.fraction, config.size))
-                           for group in groups]
-                while not all(r.ready() for r in results):
-                    try:
-                        bar.advance(task, ticks.get(timeout=0.1))
-                    except queue.Empty:
-                        pass
-                bar.update(task, completed=len(index))
-                for result in results:
-                    names, errors = result.get()
+            pool = ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(ticks,))
+            try:
+                with progress.items() as bar:
+                    task = bar.add_task(f"crop {config.fraction:g} -> {config.size}px ({workers} processes)",
+                                        total=len(index))
+                    futures = [pool.submit(_crop_group, group, rows, str(tmp), config.fraction, config.size)
+                               for group in groups]
+                    while not all(f.done() for f in futures):
+                        try:
+                            bar.advance(task, ticks.get(timeout=0.1))
+                        except queue.Empty:
+                            pass
+                    bar.update(task, completed=len(index))
+                for future in futures:
+                    names, errors = future.result()
                     for name in names:
                         seen[name] = seen.get(name, 0) + 1
                     failed.update(errors)
+                pool.shutdown()
+            except BrokenProcessPool:  # a worker killed (out of memory, a crashing decoder)
+                raise P.StageError("a crop worker process died: out of memory? Set crop.workers lower and run "
+                                   "again") from None
+            finally:
+                stop(pool)
         except OSError as error:  # a full or read-only disk, here or in a worker
             raise P.StageError(f"writing {tmp}: {error.strerror or error} (the packed array needs "
                                f"{packed_images.nbytes(len(index), config.size):,} bytes)") from None

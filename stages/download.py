@@ -413,7 +413,13 @@ def make_synthetic(config: DataConfig, directory: Path, metadata: pd.DataFrame) 
                            f"{', ...' if len(downloads) > 3 else ''}) that synthetic archives of the same names "
                            "would replace: move them away, or run the synthetic set in another workspace "
                            "(dvc exp run --temp)")
-    for stale in directory.iterdir():
+    _remove_synthetic(directory)
+    foreign = sorted(p.name for p in directory.glob("*.tar.gz") if not (directory / f".{p.name}.synthetic").exists())
+    if foreign:  # a complete download whose stamp was never written (killed at that instant), or copied in by hand
+        raise P.StageError(f"{directory} holds archives this stage did not write ({', '.join(foreign[:3])}"
+                           f"{', ...' if len(foreign) > 3 else ''}): move them away, or run the synthetic set in "
+                           "another workspace (dvc exp run --temp)")
+    for stale in directory.glob(".*.synthetic"):
         stale.unlink()
     groups = list(drawn.groupby("archive"))
     with progress.items() as bar, ProcessPoolExecutor(min(os.cpu_count() or 1, len(groups)), initializer=worker_process) as pool:

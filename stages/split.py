@@ -30,7 +30,7 @@ METHODS = ("random", "patient", "official")
 @dataclass
 class SplitConfig:
     method: str
-    sizes: list[float]  # fractions summing to 1, or image counts
+    sizes: list[float] | None  # fractions summing to 1, image counts, or None (official: the lists as they are)
     counts: bool        # sizes are image counts
     val_fraction: float
     drop_no_finding: bool
@@ -43,15 +43,24 @@ def check(params: dict) -> SplitConfig:
     section = P.section(params, "split")
     method = section.choice("method", METHODS)
     sizes = section.get("sizes")
-    valid = "three fractions that sum to 1, such as [0.7, 0.1, 0.2], or three image counts such as [76200, 9478, 25250]"
+    valid = {"official": "null (NIH's lists as they are, validation by split.val_fraction) or three image counts "
+                         "such as [32400, 3620, 15731]",
+             "patient": "three fractions that sum to 1, such as [0.7, 0.1, 0.2]"}.get(
+        method, "three fractions that sum to 1, such as [0.7, 0.1, 0.2], or three image counts such as [76200, 9478, 25250]")
+    if sizes is None and method == "official":  # NIH's lists as they are; validation: split.val_fraction
+        return _config(section, params, method, None, False)
     numbers = isinstance(sizes, list) and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sizes)
     if not numbers or len(sizes) != 3 or any(s < 0 for s in sizes):
         raise P.ParamError("split.sizes", sizes, valid)
     counts = all(isinstance(s, int) for s in sizes) and sum(sizes) > 1
     if not counts and abs(sum(sizes) - 1) > 1e-6:
         raise P.ParamError("split.sizes", sizes, valid)
-    if counts and method == "patient":
-        raise P.ParamError("split.sizes", sizes, "fractions for split.method patient (image counts with random or official)")
+    if (counts and method == "patient") or (not counts and method == "official"):  # never silently ignored
+        raise P.ParamError("split.sizes", sizes, f"{valid} for split.method {method}")
+    return _config(section, params, method, sizes, counts)
+
+
+def _config(section: P.Section, params: dict, method: str, sizes: list | None, counts: bool) -> SplitConfig:
     config = SplitConfig(
         method=method, sizes=sizes, counts=counts,
         val_fraction=section.number("val_fraction", low=0, high=1, low_open=True),

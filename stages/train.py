@@ -95,6 +95,9 @@ def check(params: dict) -> tuple[tasks.Task, models.ModelConfig, TrainConfig]:
         processes=s.number("processes", low=1, integer=True),
         seed=P.seed(params),
     )
+    if config.class_weighting == "keras" and task.kind == "binary":  # one output: its argmax is always 0
+        raise P.ParamError("train.class_weighting", "keras", "per_label for task.kind binary (Keras' rule needs one "
+                           "output per class; with one output every image would get the same weight)")
     if config.optimizer == "adam_then_sgd" and config.switch_epoch >= config.epochs:
         raise P.ParamError("train.switch.epoch", config.switch_epoch,
                            f"an epoch before train.epochs ({config.epochs}) for adam_then_sgd")

@@ -177,3 +177,18 @@ def test_crop_stops_before_any_work_when_the_disk_cannot_hold_the_array(pipeline
         crop.main(params)
     assert "data/crop/images.npy needs" in str(caught.value) and "1,000 free" in str(caught.value)
     assert (pipeline / "data/crop/images.npy").stat().st_mtime_ns == before and not temporary_arrays(pipeline)
+
+
+def test_a_worker_killed_under_crop_stops_it_with_a_message(pipeline):
+    params = blocked_crop(pipeline)
+    stage = subprocess.Popen([sys.executable, "-m", "stages.crop", "--params", str(params)], cwd=pipeline, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: temporary_arrays(pipeline) and children(stage.pid))
+        time.sleep(0.5)  # the workers have said who they are
+        os.kill(min(children(stage.pid)), signal.SIGKILL)  # as the out-of-memory killer would
+        _, err = stage.communicate(timeout=30)
+        assert stage.returncode == 1 and "crop worker process" in err and "died" in err
+    finally:
+        stage.kill()
+    assert not temporary_arrays(pipeline)

@@ -53,6 +53,13 @@ def test_a_misspelt_key_is_an_error_not_a_silent_default(project):
     assert error.key == "crop.fracton" and "fraction" in error.valid
 
 
+def test_fractions_are_no_official_split_setting(project):
+    """Under official the test part is NIH's list: fractions would be silently ignored, so they are refused."""
+    error = error_of(split, project, {"split": {"method": "official", "sizes": [0.8, 0.1, 0.1]}})
+    assert error.key == "split.sizes" and "val_fraction" in str(error)
+    assert split.check(load(write_params(project, {"split": {"method": "official", "sizes": None}}))).sizes is None
+
+
 def test_split_sizes_must_be_fractions_or_counts(project):
     assert error_of(split, project, {"split": {"sizes": [0.5, 0.2, 0.2]}}).key == "split.sizes"
     assert error_of(split, project, {"split": {"method": "patient", "sizes": [700, 100, 200]}}).key == "split.sizes"

@@ -49,7 +49,7 @@ def test_random_split_counts_beyond_the_data_are_refused(project, index):
 
 
 def test_official_split_keeps_nih_test_list_and_carves_validation_by_patient(project, index):
-    parts = run_split(project, index, {"method": "official", "val_fraction": 0.15})
+    parts = run_split(project, index, {"method": "official", "sizes": None, "val_fraction": 0.15})
     official = metadata.read_official_split()
     assert set(parts["test"]["image"]) == set(index["image"]) & official["test"]
     assert set(parts["train"]["image"]) | set(parts["val"]["image"]) == set(index["image"]) & official["train_val"]
@@ -78,7 +78,7 @@ def test_official_counts_beyond_a_list_name_the_key(project, index):
 
 
 def test_no_finding_images_can_be_dropped_before_splitting(project, index):
-    parts = run_split(project, index, {"method": "official", "drop_no_finding": True})
+    parts = run_split(project, index, {"method": "official", "sizes": None, "drop_no_finding": True})
     kept = pd.concat(parts.values())
     assert not (kept["labels"] == labels.NO_FINDING).any()
     assert len(kept) == (index["labels"] != labels.NO_FINDING).sum()
