@@ -1,4 +1,5 @@
-"""Where the images are and how to read them: tar.gz archives read as streams, and loose PNG files.
+"""Where the images are and how to read them: tar.gz archives read as streams, and loose PNG files;
+and the center crop every model's images get (the crop stage's, and `cxr predict`'s on your own files).
 
 A source list (data/raw/sources.csv) has one row per archive (`kind` tar) or per PNG file
 (`kind` png, with its image name). Archives are never extracted: members are decoded in memory.
@@ -49,6 +50,26 @@ def to_gray(image: Image.Image) -> np.ndarray:
     elif image.mode != "L":
         image = image.convert("L")  # palette, RGB(A), CMYK: luminance, alpha ignored
     return np.asarray(image, dtype=np.uint8)
+
+
+def crop_box(width: int, height: int, fraction: float) -> tuple[float, float, float, float]:
+    """The centered square of side `fraction` * the shorter side: (left, top, right, bottom)."""
+    side = fraction * min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+def resize_box(image: Image.Image, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """The `box` of a one-channel image resized to size x size (bilinear, as NIH-trained models saw it)."""
+    resized = image.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def crop_resize(image: Image.Image, fraction: float, size: int) -> np.ndarray:
+    """The centered square of side `fraction` * the shorter side, resized to size x size, one channel."""
+    if image.mode != "L":
+        image = Image.fromarray(to_gray(image))
+    return resize_box(image, crop_box(*image.size, fraction), size)
 
 
 def open_png(data: bytes | str | Path) -> Image.Image:

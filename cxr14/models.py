@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ BACKBONES = ("densenet121", "densenet169", "densenet201", "vgg16", "inception_v3
 PRETRAINED = ("imagenet", "none")
 TOPS = ("replace_last", "pooled")
 INCEPTION_SIZE = 299
+WEIGHTS_DIR = Path("data/weights")  # the weights stage's output (stages/weights.py)
 
 
 @dataclass
@@ -56,16 +59,33 @@ def input_size(config: ModelConfig, packed_size: int) -> int:
     return size
 
 
-def imagenet_weights(backbone: str):
-    """torchvision's ImageNet weights, only from the local cache: this never downloads."""
+def weights_file(backbone: str, folder: Path) -> Path:
+    """Where the weights stage puts torchvision's ImageNet weights of `backbone` (torch.hub's layout)."""
+    return Path(folder) / "checkpoints" / Path(torchvision.models.get_model_weights(backbone).DEFAULT.url).name
+
+
+def imagenet_weights(backbone: str, folder: Path):
+    """torchvision's ImageNet weights of `backbone`, as the weights stage left them in `folder`: this never downloads."""
     weights = torchvision.models.get_model_weights(backbone).DEFAULT
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    path = weights_file(backbone, folder)
     if not path.exists():
         raise P.ParamError(
             "model.pretrained", "imagenet",
-            f"weights on disk: place {Path(weights.url).name} (from {weights.url}) at {path}, "
-            f"or set model.pretrained: none to train {backbone} from scratch")
+            f"weights on disk: {path} is missing; run the weights stage first (`dvc repro weights` or `cxr weights`: "
+            f"it fetches {path.name} from {weights.url}), or set model.pretrained: none to train {backbone} "
+            "from scratch")
     return weights
+
+
+@contextmanager
+def _hub_dir(folder: Path) -> Iterator[None]:
+    """torch.hub's folder set to `folder` for a while: torchvision then loads (and hash-checks) the file there."""
+    before = torch.hub.get_dir()
+    torch.hub.set_dir(str(folder))
+    try:
+        yield
+    finally:
+        torch.hub.set_dir(before)
 
 
 def head(features: int, hidden: list[int], dropout: float, outputs: int) -> nn.Sequential:
@@ -80,20 +100,23 @@ def head(features: int, hidden: list[int], dropout: float, outputs: int) -> nn.S
     return nn.Sequential(*layers)
 
 
-def create_model(config: ModelConfig, outputs: int, size: int = INCEPTION_SIZE) -> nn.Module:
-    """The backbone with the head on top; `size` is the input side (see inception_v3).
+def create_model(config: ModelConfig, outputs: int, size: int = INCEPTION_SIZE,
+                 weights_dir: Path = WEIGHTS_DIR) -> nn.Module:
+    """The backbone with the head on top; `size` is the input side (see inception_v3); ImageNet weights
+    (model.pretrained: imagenet) from `weights_dir`, where the weights stage put them.
 
     top replace_last: torchvision's classifier with its last Linear replaced by the head (VGG16 keeps
     its two 4096-wide layers). top pooled: the whole classifier replaced by the head on the globally
     average-pooled conv features, as Keras' include_top=False, pooling='avg' (VGG16: 512 features).
     For the backbones whose classifier is one Linear on pooled features (DenseNets, ResNets,
     InceptionV3) the two are the same network."""
-    weights = imagenet_weights(config.backbone) if config.pretrained == "imagenet" else None
+    weights = imagenet_weights(config.backbone, weights_dir) if config.pretrained == "imagenet" else None
     extra = {}
     if config.backbone == "inception_v3":
         # Its auxiliary head (a second loss in training) is sized for 299 px; smaller inputs train without it.
         extra = {"aux_logits": size >= INCEPTION_SIZE, "init_weights": weights is None}
-    model = torchvision.models.get_model(config.backbone, weights=weights, **extra)
+    with _hub_dir(Path(weights_dir)):
+        model = torchvision.models.get_model(config.backbone, weights=weights, **extra)
     if config.top == "pooled" and hasattr(model, "classifier"):
         if config.backbone == "vgg16":  # its 7x7 pooling feeds fc6; global pooling feeds the head instead
             model.avgpool = nn.AdaptiveAvgPool2d(1)

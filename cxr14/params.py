@@ -41,7 +41,8 @@ class ParamsFileError(ParamError):
 
 
 # The sections of params.yaml (every stage reads some of them); anything else at the top level is a typo.
-SECTIONS = ("seed", "data", "filter", "crop", "split", "resample", "task", "model", "train", "evaluate")
+SECTIONS = ("seed", "data", "filter", "crop", "split", "resample", "task", "model", "weights", "train", "evaluate",
+            "localize")
 
 
 class _Loader(yaml.SafeLoader):

@@ -53,7 +53,10 @@ def decide(device: str, precision: str, key: str = "train.device") -> Runtime:
     rank, world, local_rank = distributed()
     if device == "cuda" and not torch.cuda.is_available():
         raise ParamError(key, "cuda", "auto or cpu: no CUDA device is visible")
-    chosen = torch.device("cuda", local_rank) if device != "cpu" and torch.cuda.is_available() else torch.device("cpu")
+    if device != "cpu" and torch.cuda.is_available():  # the GPUs this stage holds (cxr14/gpus.py): its own
+        chosen = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+    else:
+        chosen = torch.device("cpu")
     bf16 = precision == "bf16" or (precision == "auto" and chosen.type == "cuda")
     return Runtime(chosen, bf16, chosen.type == "cuda", rank, world, local_rank)
 

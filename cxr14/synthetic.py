@@ -6,6 +6,9 @@ Each image is drawn from its own seed (the data set seed and the image name), so
 gives the same bytes whatever the worker count. Every finding leaves its own visual sign, at a
 strength drawn per image, on a chest whose anatomy is fixed per patient. Images on the Azure
 blacklist come out rotated, degraded or as a lateral-like view, as they are in the real set.
+
+`render_with_boxes` also gives the extent of each drawn sign of the eight findings that NIH boxed
+(BBox_List_2017), in the image's pixel coordinates: what a radiologist would have boxed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
+from cxr14.boxes import BOXED_FINDINGS  # noqa: F401 (the findings whose signs are boxed)
 from cxr14.labels import FINDINGS, split_labels
 
 
@@ -76,12 +80,25 @@ def _smooth_noise(rng, size: int, cells: int) -> np.ndarray:
 
 def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = None) -> np.ndarray:
     """One synthetic chest radiograph as a uint8 [size, size] array."""
+    return render_with_boxes(row, size, seed, blacklist_reason)[0]
+
+
+Box = tuple[str, float, float, float, float]  # finding, x, y, w, h: NIH's box list's columns, in pixels
+
+
+def render_with_boxes(row: pd.Series, size: int, seed: int,
+                      blacklist_reason: str | None = None) -> tuple[np.ndarray, list[Box]]:
+    """One synthetic chest radiograph (uint8 [size, size]) and the box of each drawn sign of a boxed finding:
+    the extent of the pixels the sign changed (Effusion: one box per side, Nodule: one per nodule), in
+    pixel coordinates (x right, y down, a pixel spans [i, i + 1)). A lateral-like blacklisted image
+    has no signs left to box; a rotated one has its boxes rotated with it."""
     anatomy = np.random.default_rng(_seed(seed, "patient", row["patient_id"]))
     rng = np.random.default_rng(_seed(seed, "image", row["image"]))
     axis = (np.arange(size) + 0.5) / size * 2 - 1
     shift = rng.normal(0, 0.02, 2)
     v, u = np.meshgrid(axis - shift[1], axis - shift[0], indexing="ij")
     findings = set(split_labels(row["labels"]))
+    signs: list[tuple[str, np.ndarray]] = []  # (finding, the mask of the pixels its sign changed)
 
     def strength():
         return rng.uniform(0.15, 1.0)
@@ -120,6 +137,8 @@ def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = 
     heart_scale = 1 + (0.5 * strength() if "Cardiomegaly" in findings else 0.0)
     heart = _ellipse(u, v, 0.07, 0.32, heart_a * heart_scale, heart_b * (1 + 0.4 * (heart_scale - 1))) < 1
     img[heart] = np.maximum(img[heart], 0.58)
+    if "Cardiomegaly" in findings:
+        signs.append(("Cardiomegaly", heart))
     img[(v > lung_y + lung_b * 0.9) & body & ~heart] += 0.1  # below the diaphragm
 
     def in_lung(rows=None):
@@ -134,21 +153,27 @@ def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = 
             level = lung_y + lung_b * (0.9 - 0.45 * s) - 0.15 * np.abs(u - side * lung_x)
             fluid = lungs[0 if side < 0 else 1] & (v > level)
             img[fluid] = img[fluid] + 0.04 + 0.16 * s
+            signs.append(("Effusion", fluid))
     if "Nodule" in findings:
         s = strength()
         for _ in range(rng.integers(1, 4)):
             _, cx, cy = in_lung()
-            img += (_ellipse(u, v, cx, cy, 0.035, 0.035) < 1) * (0.15 + 0.25 * s)
+            nodule = _ellipse(u, v, cx, cy, 0.035, 0.035) < 1
+            img += nodule * (0.15 + 0.25 * s)
+            signs.append(("Nodule", nodule))
     if "Mass" in findings:
         s = strength()
         _, cx, cy = in_lung()
         r = rng.uniform(0.1, 0.15)
-        img += (_ellipse(u, v, cx, cy, r, r * rng.uniform(0.8, 1.2)) < 1) * (0.15 + 0.25 * s)
+        mass = _ellipse(u, v, cx, cy, r, r * rng.uniform(0.8, 1.2)) < 1
+        img += mass * (0.15 + 0.25 * s)
+        signs.append(("Mass", mass))
     if "Atelectasis" in findings:
         s = strength()
         cy = lung_y + lung_b * rng.uniform(0.2, 0.5)
         band = np.abs((v - cy) - 0.3 * (u - lung_x)) < 0.03 + 0.02 * s
         img += band * lungs[1] * (0.05 + 0.12 * s)
+        signs.append(("Atelectasis", band & lungs[1]))
     if "Consolidation" in findings:
         s = strength()
         _, cx, cy = in_lung()
@@ -172,6 +197,7 @@ def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = 
         s = strength()
         patches = _smooth_noise(rng, size, 10) > 0.35
         img += patches * lung_any * (0.06 + 0.12 * s)
+        signs.append(("Infiltration", patches & lung_any))
     if "Pleural_Thickening" in findings:
         s = strength()
         side = rng.choice((-1, 1))
@@ -182,6 +208,7 @@ def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = 
         s = strength()
         _, cx, cy = in_lung()
         img += np.exp(-_ellipse(u, v, cx, cy, 0.16, 0.16) * 1.5) * lung_any * (0.1 + 0.2 * s)
+        signs.append(("Pneumonia", (_ellipse(u, v, cx, cy, 0.16, 0.16) < 1) & lung_any))  # the haze within 1/e^1.5
         bronchus = np.abs((u - cx) * 2 - (v - cy)) < 0.015
         img -= bronchus * (_ellipse(u, v, cx, cy, 0.12, 0.12) < 1) * 0.12
     if "Pneumothorax" in findings:
@@ -191,7 +218,9 @@ def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = 
         edge_x = side * (lung_x + lung_a * (0.55 - 0.6 * s))
         collapsed = lung & (side * (u - edge_x) > 0)
         img[collapsed] = img[collapsed] * (0.92 - 0.3 * s)
-        img += (lung & (np.abs(u - edge_x) < 0.012)) * (0.04 + 0.1 * s)
+        edge = lung & (np.abs(u - edge_x) < 0.012)
+        img += edge * (0.04 + 0.1 * s)
+        signs.append(("Pneumothorax", collapsed | edge))
 
     # A text marker near the top-left edge, outside a 75% center crop.
     img[int(size * 0.05):int(size * 0.1), int(size * 0.05):int(size * 0.09)] = 0.95
@@ -202,24 +231,34 @@ def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = 
     img = ndimage.gaussian_filter(img, size / 400) + rng.normal(0, 0.02, img.shape)
     if row["view"] == "AP":  # AP films are often dimmer with magnified hearts in real data; keep a hint
         img *= 0.95
-    img = _blacklisted(img, blacklist_reason, rng)
-    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    img, turns = _blacklisted(img, blacklist_reason, rng)
+    boxes = [] if blacklist_reason == "non_pa_ap_view" else [
+        (name, *_extent(np.rot90(mask, k=turns))) for name, mask in signs if mask.any()]
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), boxes
 
 
-def _blacklisted(img: np.ndarray, reason: str | None, rng: np.random.Generator) -> np.ndarray:
+def _extent(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """The box (x, y, w, h) of a mask's pixels: rows are y, columns x."""
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return (float(columns[0]), float(rows[0]), float(columns[-1] + 1 - columns[0]), float(rows[-1] + 1 - rows[0]))
+
+
+def _blacklisted(img: np.ndarray, reason: str | None, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """The image as the blacklist reason degrades it, and how many quarter turns it was rotated by."""
     if reason == "rotated":
-        return np.rot90(img, k=int(rng.integers(1, 4)))
+        turns = int(rng.integers(1, 4))
+        return np.rot90(img, k=turns), turns
     if reason == "lower_quality":
         blurred = ndimage.gaussian_filter(img, img.shape[0] / 40)
-        return 0.5 + (blurred - 0.5) * 0.3 + rng.normal(0, 0.12, img.shape)
+        return 0.5 + (blurred - 0.5) * 0.3 + rng.normal(0, 0.12, img.shape), 0
     if reason == "non_pa_ap_view":  # a lateral-like view: one broad lung field, no pair
         size = img.shape[0]
         axis = np.linspace(-1, 1, size)
         v, u = np.meshgrid(axis, axis, indexing="ij")
         lateral = np.where(_ellipse(u, v, 0, 0.05, 0.7, 0.9) < 1, 0.5, 0.08)
         lateral[_ellipse(u, v, 0.1, -0.1, 0.45, 0.55) < 1] = 0.25
-        return lateral + rng.normal(0, 0.03, img.shape)
-    return img
+        return lateral + rng.normal(0, 0.03, img.shape), 0
+    return img, 0
 
 
 def encode_png(pixels: np.ndarray, compress_level: int = 6) -> bytes:

@@ -92,11 +92,15 @@ def run(name: str = "demo", extra: list[str] = ()) -> int:
 
 
 def print_result(name: str) -> None:
-    """The per-label test AUROC table of a named experiment, read through DVC."""
+    """The per-label test AUROC table of a named experiment and its localization table, read through DVC."""
     import dvc.api
 
-    from cxr14 import tasks
+    from cxr14 import localize, tasks
     from cxr14.metrics import print_table
 
+    params = dvc.api.params_show(rev=name)
     result = json.loads(dvc.api.read("metrics/evaluate.json", rev=name))
-    print_table(tasks.check(dvc.api.params_show(rev=name)), result)
+    print_table(tasks.check(params), result)
+    located = json.loads(dvc.api.read("metrics/localize.json", rev=name))
+    localize.print_table(located, params["localize"]["findings"],
+                         title="localization on SYNTHETIC data (Wang et al.'s figures are NIH's)")

@@ -2,18 +2,24 @@
 
     cxr table list
     cxr table run NAME [--demo] [-S key=value ...]   # one `dvc exp run --temp -n NAME-COLUMN` per column
+    cxr table run NAME [NAME ...] --jobs N           # the same through DVC's queue, N columns at a time
+    cxr table run all --jobs N                       # every table's columns (the whole report)
     cxr table show NAME [--why]                      # markdown on the terminal, plots/tables/NAME.{md,html};
                                                      # --why: where each setting comes from
 
-Columns run one after another; a failed column is reported and the rest still run; a column whose
-experiment already exists with the same params is not run again. Stages that a column shares with
-an earlier one come from DVC's run cache, linked, not copied (.dvc/config: cache.type).
+Columns run one after another, or N at a time (`dvc exp run --queue`, `dvc queue start --jobs N`; each
+train and evaluate takes a GPU of its own: cxr14/gpus.py); a failed column is reported and the rest
+still run; a column whose experiment already exists with the same params is not run again. Stages
+that a column shares with an earlier one come from DVC's run cache, linked, not copied (.dvc/config:
+cache.type); columns running at the same time each run the stages they share.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,33 +194,162 @@ def _same_params(name: str, wanted: dict[str, Any]) -> bool:
     return have == P.apply(P.load(), wanted)
 
 
-def run(name: str, demo: bool = False, extra: list[str] = ()) -> int:
-    table = _get(name)
+def run(names: str | list[str], demo: bool = False, extra: list[str] = (), jobs: int = 1) -> int:
+    """Run the columns of one or more tables (`all`: every table) that are missing or whose params changed:
+    one after another (jobs 1), or through DVC's queue, `jobs` at a time (each train and evaluate on a GPU
+    of its own: cxr14/gpus.py). A column that is the same run as another being run (same_run_as) waits for
+    it, then comes from DVC's run cache, rather than running twice at once."""
+    if jobs < 1:
+        raise ValueError(f"--jobs {jobs}: expected 1 or more experiments at a time")
+    names = [names] if isinstance(names, str) else list(names)
+    chosen = [_get(name) for name in names] if names != ["all"] else list(load().values())
     wanted_extra = parse_overrides(list(extra))
     existing = set(_exp("list", "--name-only").stdout.split())
-    done, skipped, failed = [], [], []
-    for column in table.runnable:
-        exp = table.experiment(column)
-        wanted = settings(table, column, demo, wanted_extra)
-        if exp in existing and _same_params(exp, wanted):
-            skipped.append(exp)
-            print(f"{exp}: already run with these params, kept")
-            continue
-        if exp in existing:
-            _exp("remove", exp)
-        command = ["dvc", "exp", "run", "--temp", "-n", exp]
-        for item in demo_settings.overrides(wanted):
-            command += ["-S", item]
+    todo, skipped = {}, []  # experiment name -> (column, its -S overrides)
+    for table in chosen:
+        for column in table.runnable:
+            exp = table.experiment(column)
+            wanted = settings(table, column, demo, wanted_extra)
+            if exp in existing and _same_params(exp, wanted):
+                skipped.append(exp)
+                print(f"{exp}: already run with these params, kept")
+                continue
+            if exp in existing:
+                _exp("remove", exp)
+            todo[exp] = (column, [a for item in demo_settings.overrides(wanted) for a in ("-S", item)])
+    done, failed = [], []
+    for wave in waves(chosen, todo):
+        ran, broke = _run_queued(wave, jobs) if jobs > 1 and len(wave) > 1 else _run_one_by_one(wave)
+        done, failed = done + ran, failed + broke
+    for table in chosen:
+        mine = {table.experiment(c) for c in table.runnable}
+        ran, kept, broke = ([e for e in found if e in mine] for found in (done, skipped, failed))
+        print(f"\ntable {table.name}: {len(ran)} run, {len(kept)} kept, {len(broke)} failed"
+              + (f": {', '.join(broke)}" if broke else ""))
+        print(f"see it with: cxr table show {table.name}")
+    return 1 if failed else 0
+
+
+def waves(tables: list[Table], todo: dict[str, tuple]) -> list[dict[str, tuple]]:
+    """The columns to run in two waves: first every run, then the columns that are the same run as one of
+    the first wave (same_run_as), which then come from DVC's run cache in seconds."""
+    owner = {table.experiment(c): table for table in tables for c in table.runnable}
+    first_runs = {f"{owner[exp].name}/{column.name}" for exp, (column, _) in todo.items()}
+    later = {exp for exp, (column, _) in todo.items() if column.same_run_as in first_runs}
+    return [w for w in ({e: v for e, v in todo.items() if e not in later},
+                        {e: v for e, v in todo.items() if e in later}) if w]
+
+
+def _run_one_by_one(todo: dict[str, tuple[Column, list[str]]]) -> tuple[list[str], list[str]]:
+    done, failed = [], []
+    for exp, (column, overrides) in todo.items():
+        command = ["dvc", "exp", "run", "--temp", "-n", exp, *overrides]
         print(f"\n== {exp}: {column.title}\n$ {' '.join(command)}", flush=True)
         if subprocess.run(command).returncode:
             failed.append(exp)
             print(f"{exp}: FAILED (the other columns still run)", flush=True)
         else:
             done.append(exp)
-    print(f"\ntable {name}: {len(done)} run, {len(skipped)} kept, {len(failed)} failed"
-          + (f": {', '.join(failed)}" if failed else ""))
-    print(f"see it with: cxr table show {name}")
-    return 1 if failed else 0
+    return done, failed
+
+
+# ---------------------------------------------------------------- several at once: DVC's queue
+
+QUEUE_POLL_SECONDS = 10
+
+
+def _queue_status(tries: int = 1) -> list[dict] | None:
+    """DVC's queue, task by task (rev, name, status: Queued, Running, Success, Failed); None while unreadable."""
+    from dvc.repo import Repo
+
+    for attempt in range(tries):
+        try:
+            with Repo() as repo:
+                return repo.experiments.celery_queue.status()
+        except Exception:  # a task changing state as it is read: ask again
+            if attempt + 1 < tries:
+                time.sleep(2)
+    return None
+
+
+def _start_workers(jobs: int) -> bool:
+    """`dvc queue start --jobs N`, telling the stages that N of them share the CPU (cxr14/gpus.py reads it):
+    the workers pass their environment on to the experiments they run."""
+    from cxr14.gpus import JOBS_VARIABLE
+
+    env = {**os.environ, JOBS_VARIABLE: str(jobs)}
+    return subprocess.run(["dvc", "queue", "start", "--jobs", str(jobs)], env=env).returncode == 0
+
+
+def _run_queued(todo: dict[str, tuple[Column, list[str]]], jobs: int) -> tuple[list[str], list[str]]:
+    """Queue each column (`dvc exp run --queue`, which takes the workspace as `--temp` does: tracked files
+    with their uncommitted edits, params with the -S overrides), run them `jobs` at a time, wait, and
+    name each failure with the command that shows its log."""
+    before = _queue_status(tries=5)
+    if before is None:
+        raise ValueError("DVC's queue cannot be read (`dvc queue status` says why)")
+    stale = [e["rev"] for e in before if e["name"] in todo and e["status"] in ("Success", "Failed")]
+    if stale:  # earlier tasks of these names: forgotten, so that `dvc queue logs NAME` shows the new run
+        subprocess.run(["dvc", "queue", "remove", *stale], capture_output=True)
+    seen = {e["rev"] for e in before}
+    failed = []
+    for exp, (column, overrides) in todo.items():
+        command = ["dvc", "exp", "run", "--queue", "-n", exp, *overrides]
+        print(f"\n== {exp}: {column.title}\n$ {' '.join(command)}", flush=True)
+        if subprocess.run(command).returncode:
+            failed.append(exp)
+            print(f"{exp}: FAILED to queue (the other columns still run)", flush=True)
+    ours = {e["rev"]: e["name"] for e in _queue_status(tries=5) or [] if e["rev"] not in seen and e["name"] in todo}
+    if not ours:
+        return [], failed
+    workers = min(jobs, len(ours))
+    print(f"\n$ dvc queue start --jobs {workers}", flush=True)
+    if _start_workers(workers):
+        print("follow one with `dvc queue logs NAME --follow`; all: `dvc queue status`", flush=True)
+        states = _wait(ours, workers)
+    else:
+        print("dvc queue start failed: the queued columns stay queued (`dvc queue status`)", flush=True)
+        return [], failed + list(ours.values())
+    done = []
+    existing = set(_exp("list", "--name-only").stdout.split())
+    for rev, exp in ours.items():
+        if states.get(rev) == "Success" and exp in existing:
+            done.append(exp)
+        else:
+            failed.append(exp)
+    for exp in failed:
+        if exp in ours.values():
+            print(f"{exp}: FAILED; its log: dvc queue logs {exp}", flush=True)
+    return done, failed
+
+
+def _wait(ours: dict[str, str], workers: int) -> dict[str, str]:
+    """Poll the queue until each of our tasks has ended, printing each change of state."""
+    states, stalled = {}, 0
+    try:
+        while True:
+            status = _queue_status()
+            if status is not None:
+                now = {e["rev"]: e["status"] for e in status if e["rev"] in ours}
+                for rev, state in now.items():
+                    if state != states.get(rev):
+                        print(f"{time.strftime('%H:%M:%S')} {ours[rev]}: {state.lower()}", flush=True)
+                states.update(now)
+                if all(states.get(rev) in ("Success", "Failed") for rev in ours):
+                    return states
+                waiting = [r for r in ours if states.get(r) == "Queued"]
+                running = [r for r in ours if states.get(r) == "Running"]
+                stalled = stalled + 1 if waiting and not running else 0
+                if stalled == 3:  # queued, yet nothing runs: the workers ended (they stop when idle); start them again
+                    _start_workers(workers)
+                    stalled = 0
+            time.sleep(QUEUE_POLL_SECONDS)
+    except KeyboardInterrupt:
+        live = [r for r in ours if states.get(r) not in ("Success", "Failed")]
+        print(f"\ninterrupted: stopping {', '.join(ours[r] for r in live)} (dvc queue kill, dvc queue remove)", flush=True)
+        subprocess.run(["dvc", "queue", "kill", *live], capture_output=True)
+        subprocess.run(["dvc", "queue", "remove", *live], capture_output=True)
+        raise
 
 
 def _get(name: str) -> Table:

@@ -1,8 +1,8 @@
 """`cxr`: one subcommand per pipeline stage (each reads params.yaml), plus the demo, tables and report.
 
     cxr check    (every section of params.yaml, in seconds: dvc.yaml runs it before download)
-    cxr download    cxr filter    cxr crop    cxr split    cxr resample    cxr train    cxr evaluate
-    cxr demo    cxr table list|run|show    cxr report
+    cxr download    cxr weights    cxr filter    cxr crop    cxr split    cxr resample    cxr train    cxr evaluate
+    cxr localize    cxr demo    cxr table list|run|show    cxr report    cxr predict PATH...
 """
 
 from __future__ import annotations
@@ -32,16 +32,15 @@ def _run(stage: str, params: str) -> None:
 def check(params: str = PARAMS) -> None:
     """Stage 0: every section of params.yaml by every stage's own rules, so a typo anywhere stops the
     pipeline in seconds, before a download or a crop of hours."""
-    from cxr14 import models
-    from stages import crop, download, evaluate, filter, resample, split, train
+    from stages import crop, download, evaluate, filter, localize, resample, split, train, weights
 
     try:
         loaded = load(params)
-        for module in (download, filter, crop, split, resample, train, evaluate):
+        for module in (download, weights, filter, crop, split, resample, train, evaluate, localize):
             module.check(loaded)
-        model = models.check(loaded)
-        if model.pretrained == "imagenet":  # weights are never fetched: say so now, not after a 45 GB download
-            models.imagenet_weights(model.backbone)
+        wanted = weights.check(loaded)
+        if wanted.pretrained == "imagenet":  # can the weights stage get them? Say so now, not after a 45 GB download
+            weights.reachable(wanted)
     except ParamError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -57,6 +56,12 @@ def check(params: str = PARAMS) -> None:
 def download(params: str = PARAMS) -> None:
     """Stage 1: the NIH archives (resumable, verified), a local copy read in place, or a synthetic set."""
     _run("download", params)
+
+
+@app.command("weights")
+def weights_(params: str = PARAMS) -> None:
+    """Stage 1b: torchvision's ImageNet weights of model.backbone (model.pretrained: imagenet), fetched once, checked."""
+    _run("weights", params)
 
 
 @app.command("filter")
@@ -95,6 +100,12 @@ def evaluate(params: str = PARAMS) -> None:
     _run("evaluate", params)
 
 
+@app.command()
+def localize(params: str = PARAMS) -> None:
+    """Stage 8: where the model looks: Grad-CAM (or CAM) heatmaps scored against NIH's boxes, and a gallery."""
+    _run("localize", params)
+
+
 table_app = typer.Typer(no_args_is_help=True, help="The report's tables (tables.yaml) as DVC experiments.")
 app.add_typer(table_app, name="table")
 
@@ -110,13 +121,16 @@ def table_list() -> None:
 
 
 @table_app.command("run")
-def table_run(name: str, demo: bool = typer.Option(False, "--demo", help="the demo's small settings (synthetic data)"),
-              set_param: list[str] = typer.Option([], "--set-param", "-S", help="key=value for every column")) -> None:
-    """Run each column of a table as the DVC experiment NAME-COLUMN."""
+def table_run(names: list[str] = typer.Argument(..., metavar="NAME", help="one or more tables, or all"),
+              demo: bool = typer.Option(False, "--demo", help="the demo's small settings (synthetic data)"),
+              set_param: list[str] = typer.Option([], "--set-param", "-S", help="key=value for every column"),
+              jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="columns at a time, through DVC's queue "
+                                       "(1: one after another); each train and evaluate takes a GPU of its own")) -> None:
+    """Run each column of a table (of several tables; all: every table) as the DVC experiment NAME-COLUMN."""
     from experiments import tables
 
     try:
-        code = tables.run(name, demo, set_param)
+        code = tables.run(names, demo, set_param, jobs)
     except (KeyError, ValueError) as error:
         typer.secho(f"error: {error.args[0]}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -151,6 +165,51 @@ def report(rev: str = typer.Argument(None, help="an experiment name or git revis
 
     path = report_module.write(rev, out)
     typer.echo(f"written: {path}")
+
+
+@app.command()
+def predict(
+    paths: list[str] = typer.Argument(..., help="PNG, JPEG or DICOM files, or folders of them (searched recursively)"),
+    model: str = typer.Option("data/train/model.pt", help="a model file, or an experiment's name or git revision "
+                                                          "(its data/train/model.pt, read through DVC)"),
+    out: str = typer.Option("predictions.csv", help="the CSV to write: one row per file, each label's probability"),
+    heatmaps: str = typer.Option(None, help="a folder for Grad-CAM overlays (PNG) of each image's top labels"),
+    top: int = typer.Option(1, min=1, help="with --heatmaps: how many of each image's most probable labels"),
+    batch_size: int = typer.Option(32, min=1, help="images per batch"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """A trained model on your own images, prepared as its training images were (the crop and sizes its
+    model file records). A file that cannot be read gets its error in the CSV and on stderr, and the rest
+    still run. Exit status: 0 when at least one image was predicted, 1 when none could be read, 2 when the
+    model cannot be loaded."""
+    from pathlib import Path
+
+    from cxr14 import predict as P
+
+    if device not in ("auto", "cpu", "cuda"):
+        typer.secho(f"error: --device {device}: expected auto, cpu or cuda", fg="red", err=True)
+        raise typer.Exit(2)
+    try:
+        predictor = P.load_model(model, device)
+    except P.PredictError as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    files, problems = P.find_images(paths)
+    for path, why in problems.items():
+        typer.secho(f"error: {path}: {why}", fg="red", err=True)
+    typer.echo(f"predict: {len(files)} file{'' if len(files) == 1 else 's'} with {predictor.source} "
+               f"(center {predictor.fraction:g} -> {predictor.crop_size} px, network {predictor.input_size} px, "
+               f"{predictor.runtime.device})")
+    results = P.predict(predictor, files, batch_size, Path(heatmaps) if heatmaps else None, top)
+    results += [P.Result(path, None, why) for path, why in problems.items()]
+    P.print_summary(results, predictor.names, predictor.source)
+    written = P.write(results, predictor.names, out)
+    read = sum(r.error is None for r in results)
+    typer.echo(f"written: {written} ({read} predicted, {len(results) - read} unreadable)"
+               + (f"; heatmaps in {heatmaps}" if heatmaps and read else ""))
+    if not read:
+        typer.secho("error: no file could be read", fg="red", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

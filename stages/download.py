@@ -11,6 +11,8 @@
 - `synthetic`: an NIH-shaped synthetic data set (see cxr14/synthetic.py), written as NIH-named archives.
 
 Outputs: data/raw/metadata.csv (the images that are there), data/raw/sources.csv (where they are),
+data/raw/bboxes.csv (NIH's box list, in its format: its radiologists' boxes of the images found, or the
+synthetic signs' extents),
 data/raw/archives/ (downloaded or synthetic archives), metrics/download.json (how many of the
 metadata's images were found and how many are missing, how many images of a local folder the metadata
 does not list, and the labels with fewer than FEW_POSITIVES positive images: each is also a warning).
@@ -19,30 +21,24 @@ does not list, and the labels with fewer than FEW_POSITIVES positive images: eac
 from __future__ import annotations
 
 import difflib
-import errno
 import gzip
-import hashlib
-import http.client
 import io
 import os
-import queue
 import shutil
 import sys
 import tarfile
 import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from cxr14 import labels, progress, synthetic
+from cxr14 import boxes, labels, progress, synthetic
 from cxr14 import metadata as md
 from cxr14 import params as P
 from cxr14.atomic import atomic_path, write_csv, write_json
+from cxr14.fetch import DISK_ERRNOS, DownloadError, digest, file_size, resume
 from cxr14.images import ArchiveError, list_archive, scan_local
 from cxr14.stage import worker_process
 
@@ -113,40 +109,17 @@ def check(params: dict) -> DataConfig:
 
 # ---------------------------------------------------------------- nih: resumable, verified downloads
 
-class DownloadError(P.StageError):
-    pass
-
-
-POLL_SECONDS = 0.2  # how often a transfer looks at Ctrl-C while the socket is silent (not a setting: promptness)
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.exists() else 0
-
-
 def _stamp_text(size: int, md5: str | None, images: int) -> str:
     return f"{size} {md5 or '-'} {images}"
 
 
 def fetch(url: str, target: Path, size: int, md5: str | None, images: int, *, retries: int, backoff: float,
           timeout: float, report=lambda done: None, stop: threading.Event | None = None) -> Path:
-    """Download `url` to `target` through `target.part`; rename it into place only once it is complete:
-    the table's size, the table's MD5 (when given), and a gzip'd tar that reads through to `images` images.
-
-    A .part left by an earlier run is resumed with an HTTP Range request. Connection errors and server
-    errors (5xx) are retried with exponential backoff, and a try that brought bytes does not count
-    against `retries`; 4xx, a web page instead of the archive and a wrong size or MD5 are not retried.
-    A file already in place is checked, never deleted: one that fails a check goes back to .part.
-    `report` is called with the bytes on disk so far; setting `stop` ends the transfer (Ctrl-C).
+    """Download `url` to `target` through `target.part` (resumed, retried: cxr14.fetch.resume); rename it
+    into place only once it is complete: the table's size, the table's MD5 (when given), and a gzip'd tar
+    that reads through to `images` images. A file already in place is checked, never deleted: one that
+    fails a check goes back to .part. `report` is called with the bytes on disk so far; setting `stop`
+    ends the transfer (Ctrl-C).
     """
     part = target.with_name(target.name + ".part")
     stamp = target.with_name(f".{target.name}.verified")
@@ -160,33 +133,8 @@ def fetch(url: str, target: Path, size: int, md5: str | None, images: int, *, re
             return target
         os.replace(target, part)  # checked again below (verify_md5 turned on, say): hashed, not fetched
         stamp.unlink(missing_ok=True)
-    attempt = 0
-    while (have := _size(part)) < size:
-        report(have)
-        try:
-            _transfer(url, part, have, size, timeout, report, stop)
-            continue
-        except urllib.error.HTTPError as error:
-            if error.code < 500:
-                raise DownloadError(f"{target.name}: {url}: HTTP {error.code} {error.reason} "
-                                    "(check the URL in the archive table)") from None
-            failure = f"HTTP {error.code} {error.reason}"
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as error:
-            failure = str(error) or type(error).__name__
-        attempt = 0 if _size(part) > have else attempt + 1
-        if attempt > retries:
-            tries = "1 try" if retries == 0 else f"{retries + 1} tries in a row"
-            raise DownloadError(f"{target.name}: {url}: gave up after {tries} without progress ({failure}); "
-                                f"{part} ({_size(part):,} bytes) is kept for resuming")
-        pause = backoff * 2 ** max(attempt - 1, 0)
-        if stop is None:
-            time.sleep(pause)
-        elif stop.wait(pause):  # Ctrl-C during the pause too
-            raise KeyboardInterrupt(f"download of {url} interrupted; {part} is kept for resuming")
-    if have > size:
-        raise DownloadError(f"{part} holds {have:,} bytes, more than the {size:,} the table gives for {target.name}: "
-                            "it is kept; delete it, or fix the table's bytes, and run again")
-    report(size)
+    resume(url, part, size, retries=retries, backoff=backoff, timeout=timeout, report=report, stop=stop,
+           what="the archive", hint="check the URL in the archive table")
     _verify(part, target.name, md5, images)
     os.replace(part, target)
     stamp.write_text(_stamp_text(size, md5, images))
@@ -196,7 +144,7 @@ def fetch(url: str, target: Path, size: int, md5: str | None, images: int, *, re
 def _verify(path: Path, name: str, md5: str | None, images: int) -> None:
     """The MD5 (when given), then a read through the whole gzip'd tar: raise DownloadError unless complete."""
     if md5:
-        got = _md5(path)
+        got = digest(path, "md5")
         if got != md5.lower():
             raise DownloadError(
                 f"{name}: MD5 {got} does not match the table's {md5}. The download is kept as {path} "
@@ -213,130 +161,12 @@ def _verify(path: Path, name: str, md5: str | None, images: int) -> None:
                             "and never taken as complete: the mirror's file or the table is wrong")
 
 
-def _disk_error(path: Path, error: OSError, size: int) -> DownloadError:
-    needed = size - _size(path)
-    try:
-        free = f"{shutil.disk_usage(path.parent).free:,} bytes are free there"
-    except OSError:
-        free = "the free space is unknown"
-    return DownloadError(f"cannot write {path}: {error.strerror or error}; it needs {needed:,} more bytes, {free}. "
-                         "Free some space (or make the folder writable) and run again: what is there is kept")
-
-
-class _Stream:
-    """An HTTP response read on a daemon thread and handed over through a queue: the response first,
-    then blocks of bytes, then None. A read blocked on a silent socket cannot be interrupted, so the
-    transfer waits on the queue in steps of POLL_SECONDS and sees Ctrl-C (`stop`) within that; the
-    stall limit stays `timeout` (data.download.timeout_seconds)."""
-
-    def __init__(self, request: urllib.request.Request, timeout: float):
-        self._queue: queue.Queue = queue.Queue(maxsize=16)
-        self._closed = threading.Event()
-        threading.Thread(target=self._read, args=(request, timeout), daemon=True).start()
-
-    def _read(self, request, timeout) -> None:
-        try:
-            # the socket's own limit a little later than next()'s, so the error names the setting
-            with urllib.request.urlopen(request, timeout=timeout + 1) as response:
-                if self._put(response):
-                    while (block := response.read1(1 << 16)) and self._put(block):
-                        pass
-                    self._put(None)
-        except Exception as error:  # handed to the transfer, which sorts it out
-            self._put(error)
-
-    def _put(self, item) -> bool:
-        while not self._closed.is_set():
-            try:
-                self._queue.put(item, timeout=POLL_SECONDS)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def next(self, stop: threading.Event | None, timeout: float):
-        deadline = time.monotonic() + timeout
-        while True:
-            if stop is not None and stop.is_set():
-                raise KeyboardInterrupt("download interrupted")
-            try:
-                item = self._queue.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"no data for {timeout:g} s (data.download.timeout_seconds)") from None
-                continue
-            if isinstance(item, Exception):
-                raise item
-            return item
-
-    def close(self) -> None:
-        self._closed.set()
-
-
-def _check_response(response, stream: _Stream, url: str, part: Path, have: int, size: int, stop, timeout) -> None:
-    """Refuse, before writing a byte, a response that is not the rest of the archive; name the real cause."""
-    name = part.name.removesuffix(".part")
-    kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-    length = response.headers.get("Content-Length", "")
-    length = int(length) if length.isdigit() else None
-    whole = response.status != 206
-    expected = size if whole else size - have
-    if kind.startswith("text/"):  # a quota, login or error page sent with status 200
-        sent, limit = 0, 1 << 20
-        while sent <= limit and (block := stream.next(stop, timeout)) is not None:
-            sent += len(block)
-        amount = f"{sent:,}" if sent <= limit else f"more than {limit:,}"
-        raise DownloadError(f"{name}: the server sent {amount} bytes of {kind}, expected {expected:,} bytes of the "
-                            f"archive: a web page (quota, login or error?), not the archive; nothing was written "
-                            f"({url})")
-    if length is not None and length != expected:
-        raise DownloadError(f"{name}: the server sent {length:,} bytes ({kind or 'no content type'}), expected "
-                            f"{expected:,} bytes: its file differs from the table (bytes column); nothing was written "
-                            f"({url})")
-    if have and whole:
-        raise DownloadError(
-            f"{url}: the server ignored the Range request (HTTP {response.status}), so {part} "
-            f"({have:,} bytes) cannot be resumed; delete it to start over, or use a mirror that supports resuming")
-    if have:
-        content_range = response.headers.get("Content-Range", "")
-        if not content_range.startswith(f"bytes {have}-"):
-            raise DownloadError(f"{url}: asked for bytes from {have}, the server sent {content_range!r}")
-
-
-def _transfer(url: str, part: Path, have: int, size: int, timeout: float, report,
-              stop: threading.Event | None) -> None:
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    stream = _Stream(request, timeout)
-    try:
-        _check_response(stream.next(stop, timeout), stream, url, part, have, size, stop, timeout)
-        try:
-            handle = open(part, "ab")
-        except OSError as error:
-            raise _disk_error(part, error, size) from None
-        with handle:
-            while (block := stream.next(stop, timeout)) is not None:
-                if have + len(block) > size:
-                    raise DownloadError(f"{part.name.removesuffix('.part')}: the server sent more than the table's "
-                                        f"{size:,} bytes ({url}); {part} is kept with the first {have:,}")
-                try:
-                    handle.write(block)
-                    handle.flush()
-                except OSError as error:
-                    raise _disk_error(part, error, size) from None
-                have += len(block)
-                report(have)
-    finally:
-        stream.close()
-    if have < size:
-        raise ConnectionError(f"connection closed after {have:,} of {size:,} bytes")
-
-
 def download_nih(config: DataConfig, directory: Path, table: pd.DataFrame) -> None:
     """Fetch the archives of the table (several at a time) into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     _remove_synthetic(directory)
-    needed = sum(int(row.bytes) - _size(directory / row.archive) - _size(directory / f"{row.archive}.part")
-                 for row in table.itertuples(index=False) if _size(directory / row.archive) != row.bytes)
+    needed = sum(int(row.bytes) - file_size(directory / row.archive) - file_size(directory / f"{row.archive}.part")
+                 for row in table.itertuples(index=False) if file_size(directory / row.archive) != row.bytes)
     free = shutil.disk_usage(directory).free
     if needed > free:
         raise DownloadError(f"{directory}: the archives need {needed:,} more bytes, {free:,} are free there; "
@@ -379,17 +209,20 @@ def download_nih(config: DataConfig, directory: Path, table: pd.DataFrame) -> No
 
 # ---------------------------------------------------------------- synthetic: NIH-named archives
 
-def _write_archive(path: Path, rows: pd.DataFrame, size: int, seed: int, blacklist: dict[str, str]) -> int:
-    """One synthetic archive, byte-for-byte the same for the same rows and seed."""
+def _write_archive(path: Path, rows: pd.DataFrame, size: int, seed: int, blacklist: dict[str, str]) -> list[tuple]:
+    """One synthetic archive, byte-for-byte the same for the same rows and seed; the boxes of its images' signs."""
+    signs = []
     with atomic_path(path) as tmp, open(tmp, "wb") as raw, \
             gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=1) as zipped, \
             tarfile.open(fileobj=zipped, mode="w", format=tarfile.USTAR_FORMAT) as archive:
         for _, row in rows.iterrows():
-            png = synthetic.encode_png(synthetic.render(row, size, seed, blacklist.get(row["image"])), 1)
+            pixels, drawn = synthetic.render_with_boxes(row, size, seed, blacklist.get(row["image"]))
+            signs += [(row["image"], *box) for box in drawn]
+            png = synthetic.encode_png(pixels, 1)
             info = tarfile.TarInfo(f"images/{row['image']}")
             info.size, info.mtime, info.mode = len(png), 0, 0o644
             archive.addfile(info, io.BytesIO(png))
-    return len(rows)
+    return signs
 
 
 def _remove_synthetic(directory: Path) -> None:
@@ -399,7 +232,8 @@ def _remove_synthetic(directory: Path) -> None:
         marker.unlink()
 
 
-def make_synthetic(config: DataConfig, directory: Path, metadata: pd.DataFrame) -> pd.DataFrame:
+def make_synthetic(config: DataConfig, directory: Path, metadata: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The drawn rows, and the box list of their signs (image, label, x, y, w, h)."""
     drawn = synthetic.draw_patients(metadata, config.images, config.min_positives_per_label,
                                     config.max_images_per_patient, config.seed)
     where = md.archive_of_each_image(metadata, md.read_archive_table(config.archives_table))
@@ -424,13 +258,15 @@ def make_synthetic(config: DataConfig, directory: Path, metadata: pd.DataFrame) 
     groups = list(drawn.groupby("archive"))
     with progress.items() as bar, ProcessPoolExecutor(min(os.cpu_count() or 1, len(groups)), initializer=worker_process) as pool:
         task = bar.add_task("synthetic images", total=len(drawn))
-        futures = [pool.submit(_write_archive, directory / name, rows, config.image_size, config.seed, blacklist)
-                   for name, rows in groups]
+        futures = {pool.submit(_write_archive, directory / name, rows, config.image_size, config.seed, blacklist): len(rows)
+                   for name, rows in groups}
+        signs = []
         for future in as_completed(futures):
-            bar.advance(task, future.result())
+            signs += future.result()
+            bar.advance(task, futures[future])
     for name, _ in groups:
         (directory / f".{name}.synthetic").write_text("written by data.source: synthetic\n")
-    return drawn.drop(columns="archive")
+    return drawn.drop(columns="archive"), pd.DataFrame(sorted(signs), columns=boxes.COLUMNS)
 
 
 # ---------------------------------------------------------------- local: read in place
@@ -532,13 +368,16 @@ def main(params_path: str = P.PARAMS_FILE, out: Path = RAW, metrics: Path = Path
     unlisted = 0
     try:
         if config.source == "synthetic":
-            found = make_synthetic(config, archives_dir, metadata)
+            found, box_list = make_synthetic(config, archives_dir, metadata)
             sources = pd.DataFrame({"kind": "tar", "path": sorted(str(p) for p in archives_dir.glob("*.tar.gz")),
                                     "image": ""})
         elif config.source == "nih":
             found, sources = read_nih(config, metadata, archives_dir)
         else:
             found, sources, unlisted = read_local(config, metadata, archives_dir)
+        if config.source != "synthetic":  # NIH's radiologists' boxes of the images found
+            box_list = boxes.read(boxes.REFERENCE)
+            box_list = box_list[box_list["image"].isin(set(found["image"]))]
         few = few_positives(found)
         summary = {"source": config.source, "metadata_images": len(metadata), "found": len(found),
                    "missing": len(metadata) - len(found), "unlisted": unlisted,
@@ -547,9 +386,10 @@ def main(params_path: str = P.PARAMS_FILE, out: Path = RAW, metrics: Path = Path
                    "png_files": int((sources["kind"] == "png").sum()), "few_positives": few}
         write_csv(out / "sources.csv", sources)
         write_csv(out / "metadata.csv", found.reset_index(drop=True))
+        boxes.write(out / "bboxes.csv", box_list)
         write_json(metrics, summary)
     except OSError as error:  # a full or read-only disk: one line naming the path
-        if error.errno not in _DISK_ERRNOS:
+        if error.errno not in DISK_ERRNOS:
             raise
         raise P.StageError(f"cannot write {error.filename or out}: {error.strerror}; free some space "
                            "(or make the folder writable) and run again") from None

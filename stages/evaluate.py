@@ -2,9 +2,10 @@
 
 Writes metrics/evaluate.json (loss; per-label AUROC and AUPRC with micro/macro averages; 95%
 bootstrap intervals resampled by patient; sensitivity, specificity, precision and F1 at thresholds
-chosen on the validation part; for `binary`, the report's confusion matrix and scores),
+chosen on the validation part; expected calibration error per label, equal-width and equal-mass bins;
+for `binary`, the report's confusion matrix and scores),
 data/evaluate/predictions.csv, and plots/evaluate/ (dvclive: ROC and precision-recall curves per
-label, the confusion matrix, per-label AUROC bars, precision and recall against threshold).
+label, the confusion matrix, per-label AUROC bars, precision and recall against threshold, reliability curves).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import numpy as np
 import torch
 from dvclive import Live
 
+from cxr14 import gpus, models, packed_images, tasks
 from cxr14 import metrics as M
-from cxr14 import models, packed_images, tasks
 from cxr14 import params as P
 from cxr14.atomic import read_csv, write_csv, write_json
 from cxr14.batches import Batches, batch_order
@@ -34,6 +35,7 @@ def check(params: dict) -> tuple[tasks.Task, dict]:
         "threshold": threshold_rule(section.get("threshold")),
         "batch_size": section.number("batch_size", low=1, integer=True),
         "device": section.choice("device", DEVICES),
+        "calibration_bins": section.number("calibration_bins", low=1, integer=True),
         "seed": P.seed(params),
     }
     section.finish()
@@ -82,6 +84,8 @@ def evaluate(task: tasks.Task, config: dict, y_val, p_val, y, p, loss: float, pa
         "auprc": prc["per_label"], "auprc_macro": prc["macro"],
         "positives": {n: int(v) for n, v in zip(names, y.sum(axis=0))},
     }
+    calibration = M.calibration(y, p, names, config["calibration_bins"])
+    result.update({k: calibration[k] for k in ("ece", "ece_macro", "ece_adaptive", "ece_adaptive_macro")})
     if config["bootstrap"]:
         ci = M.bootstrap_auroc(y, p, patients, config["bootstrap"], config["seed"])
         result["auroc_ci"] = dict(zip(names, ci["per_label"]))
@@ -98,7 +102,17 @@ def evaluate(task: tasks.Task, config: dict, y_val, p_val, y, p, loss: float, pa
     return result
 
 
-def write_plots(live_dir: Path, task: tasks.Task, result: dict, y_val, p_val, y, p) -> None:
+def reliability_points(names: tuple[str, ...], y: np.ndarray, p: np.ndarray, bins: int) -> list[dict]:
+    """Each label's equal-width reliability curve as rows (label, mean predicted, observed frequency, images)."""
+    rows = []
+    for j, name in enumerate(names):
+        curve = M.reliability(y[:, j], p[:, j], bins)
+        rows += [{"label": name, "mean_predicted": float(a), "observed": float(b), "images": int(n)}
+                 for a, b, n in zip(curve["predicted"], curve["observed"], curve["count"])]
+    return rows
+
+
+def write_plots(live_dir: Path, task: tasks.Task, result: dict, y_val, p_val, y, p, bins: int) -> None:
     live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=None)
     names = task.names
     for j, name in enumerate(names):
@@ -109,6 +123,8 @@ def write_plots(live_dir: Path, task: tasks.Task, result: dict, y_val, p_val, y,
     bars = [{"label": n, "auroc": round(v, 4)} for n, v in result["auroc"].items() if v is not None]
     live.log_plot("auroc_by_label", bars, x="auroc", y="label", template="bar_horizontal",
                   title="test AUROC by label")
+    live.log_plot("calibration", reliability_points(names, y, p, bins), x="mean_predicted", y="observed",
+                  template="reliability", title="test reliability: observed frequency by mean predicted probability")
     if task.kind == "binary":
         actual = np.where(y[:, 0] == 1, task.target, "other")
         predicted = np.where(p[:, 0] >= result["binary"]["threshold"], task.target, "other")
@@ -129,14 +145,15 @@ def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), sp
          model_path: Path = Path("data/train/model.pt"), out: Path = Path("data/evaluate"),
          metrics_path: Path = Path("metrics/evaluate.json"), live_dir: Path = Path("plots/evaluate")) -> None:
     task, config = check(P.load(params_path))
-    net, size, runtime = load_model(model_path, task, config["device"])
-    images = packed_images.load(cropped / packed_images.IMAGES_FILE)
-    parts = {}
-    for part in ("val", "test"):
-        rows = tasks.select(read_csv(split_dir / f"{part}.csv"), task, part, config["seed"])
-        batches = Batches(images, rows["row"].to_numpy(), tasks.targets(rows, task),
-                          batch_order(len(rows), config["batch_size"], None), runtime.device)
-        parts[part] = (rows, *predict(net, batches, size, runtime))
+    with gpus.held(config["device"], 1, "evaluate.device"):  # a GPU of its own while it predicts (cxr14/gpus.py)
+        net, size, runtime = load_model(model_path, task, config["device"])
+        images = packed_images.load(cropped / packed_images.IMAGES_FILE)
+        parts = {}
+        for part in ("val", "test"):
+            rows = tasks.select(read_csv(split_dir / f"{part}.csv"), task, part, config["seed"])
+            batches = Batches(images, rows["row"].to_numpy(), tasks.targets(rows, task),
+                              batch_order(len(rows), config["batch_size"], None), runtime.device)
+            parts[part] = (rows, *predict(net, batches, size, runtime))
     (_, y_val, p_val, _), (test, y, p, loss) = parts["val"], parts["test"]
     result = evaluate(task, config, y_val, p_val, y, p, loss, test["patient_id"].to_numpy())
     predictions = test[["image", "patient_id", "labels"]].copy()
@@ -144,7 +161,7 @@ def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), sp
         predictions[f"p_{name}"] = p[:, j]  # full precision: every metric can be recomputed exactly
     write_csv(out / "predictions.csv", predictions)
     write_json(metrics_path, result)
-    write_plots(live_dir, task, result, y_val, p_val, y, p)
+    write_plots(live_dir, task, result, y_val, p_val, y, p, config["calibration_bins"])
     M.print_table(task, result)
 
 

@@ -14,6 +14,7 @@ metrics/train/ (dvclive: metrics.json and per-epoch curves).
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -24,8 +25,8 @@ import torch
 import torch.distributed as dist
 from dvclive import Live
 
+from cxr14 import gpus, models, packed_images, tasks
 from cxr14 import metrics as M
-from cxr14 import models, packed_images, tasks
 from cxr14 import params as P
 from cxr14.atomic import atomic_path, read_csv
 from cxr14.batches import Augment, Batches, batch_order
@@ -135,7 +136,8 @@ def fit(params: dict, images_path: Path, train_csv: Path, val_csv: Path, out: Pa
     task, model_config, config = check(params)
     runtime = set_up(config)
     parts = load_parts(task, model_config, config, images_path, train_csv, val_csv)
-    stamp = fingerprint(params, images_path, [train_csv, val_csv])
+    fetched = [models.WEIGHTS_DIR / "weights.json"] if model_config.pretrained == "imagenet" else []
+    stamp = fingerprint(params, images_path, [train_csv, val_csv, *fetched])
     run = build_or_resume(task, model_config, config, runtime, parts, out / CHECKPOINT_FILE, stamp, log)
     live = Live(str(live_dir), resume=run.resumed, save_dvc_exp=False, dvcyaml=None) if runtime.lead else None
     weights, pos_weight = loss_weights(task, config, parts.y_train, runtime.device)
@@ -295,10 +297,12 @@ def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), re
          split_dir: Path = Path("data/split"), out: Path = Path("data/train"), live_dir: Path = Path("metrics/train")) -> None:
     params = P.load(params_path)
     _, _, config = check(params)
-    if config.processes > 1 and not under_torchrun():
-        launch(config.processes, params_path)  # this process becomes torchrun's agent; the workers come back here
-        return
-    fit(params, cropped / packed_images.IMAGES_FILE, resampled / "train.csv", split_dir / "val.csv", out, live_dir)
+    # A GPU of its own for each process while the stage runs (cxr14/gpus.py); torchrun's workers use their launcher's.
+    with nullcontext() if under_torchrun() else gpus.held(config.device, config.processes, "train.processes"):
+        if config.processes > 1 and not under_torchrun():
+            launch(config.processes, params_path)  # this process becomes torchrun's agent; the workers come back here
+            return
+        fit(params, cropped / packed_images.IMAGES_FILE, resampled / "train.csv", split_dir / "val.csv", out, live_dir)
     if dist.is_initialized():
         dist.destroy_process_group()
 

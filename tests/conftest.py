@@ -97,3 +97,13 @@ def working_tree_copy(folder: Path) -> Path:
                     ["add", "-A"], ["commit", "-q", "-m", "working tree under test"]):
         subprocess.run(["git", *command], cwd=folder, check=True, capture_output=True)
     return folder
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server (127.0.0.1) with Range support that misbehaves on request (tests/http_server.py)."""
+    from .http_server import Server
+
+    s = Server()
+    yield s
+    s.stop()

@@ -16,13 +16,13 @@ import sys
 import tarfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from cxr14 import metadata
+from cxr14 import boxes, metadata
+from cxr14 import fetch as fetch_module
 from cxr14.atomic import read_csv
 from cxr14.params import StageError
 from stages import download
@@ -31,96 +31,6 @@ from .conftest import REPO, write_params
 
 NAMES = ["images_001.tar.gz", "images_002.tar.gz", "images_003.tar.gz"]
 COUNTS = [20, 30, 40]
-SERVER_LIFETIME = 120  # seconds: the server stops by itself after this, whatever a test does
-
-
-class Server:
-    """Serves `files` over HTTP with Range support, and misbehaves on request."""
-
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-        self.pages: dict[str, bytes] = {}  # path -> an HTML page sent with status 200 (a quota page)
-        self.requests: list[tuple[str, str | None]] = []
-        self.cut_first_after: int | None = None  # close the first transfer after this many bytes
-        self.cut_every_after: int | None = None  # close every transfer after this many bytes
-        self.stall_after: int | None = None  # go silent at this byte of the file, until closed
-        self.status: int | None = None  # answer every request with this error status
-        self.ignore_range = False
-        self.delay = 0.0  # seconds per 4 KiB block
-        self.closing = threading.Event()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                wanted = self.headers.get("Range")
-                server.requests.append((self.path, wanted))
-                if server.status:
-                    self.send_error(server.status)
-                    return
-                if self.path in server.pages:
-                    page = server.pages[self.path]
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/html; charset=utf-8")
-                    self.send_header("Content-Length", str(len(page)))
-                    self.end_headers()
-                    self.wfile.write(page)
-                    return
-                body = server.files.get(self.path)
-                if body is None:
-                    self.send_error(404, "Not Found")
-                    return
-                start = 0
-                if wanted and not server.ignore_range:
-                    start = int(wanted.removeprefix("bytes=").split("-")[0])
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Type", "application/gzip")
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                payload = body[start:]
-                if server.cut_first_after is not None:
-                    payload, server.cut_first_after = payload[:server.cut_first_after], None
-                if server.cut_every_after is not None:
-                    payload = payload[:server.cut_every_after]
-                for i in range(0, len(payload), 4096):
-                    if server.stall_after is not None and start + i >= server.stall_after:
-                        server.closing.wait(SERVER_LIFETIME)
-                        return
-                    if server.delay:
-                        time.sleep(server.delay)
-                    try:
-                        self.wfile.write(payload[i:i + 4096])
-                        self.wfile.flush()
-                    except (BrokenPipeError, ConnectionResetError):
-                        return
-                self.close_connection = True
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-        self.timer = threading.Timer(SERVER_LIFETIME, self.stop)
-        self.timer.daemon = True
-        self.timer.start()
-
-    def stop(self):
-        self.closing.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.timer.cancel()
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.stop()
-
-
 def make_archive(names, seed=0) -> bytes:
     """A gzip'd tar of NIH's layout (images/<name>), 2 KiB of noise a member: the download never decodes them."""
     rng = np.random.default_rng(seed)
@@ -144,6 +54,7 @@ def archives(project):
     rows = pd.read_csv(real / metadata.METADATA_FILE).sort_values("Image Index").head(sum(COUNTS))
     rows.to_csv(reference / metadata.METADATA_FILE, index=False)
     (reference / metadata.BLACKLIST_DIR).symlink_to(real / metadata.BLACKLIST_DIR)
+    (reference / boxes.REFERENCE.name).symlink_to(real / boxes.REFERENCE.name)  # NIH's box list
     names = list(rows["Image Index"])
     bounds = np.cumsum([0, *COUNTS])
     built = {name: make_archive(names[a:b], seed=i) for i, (name, a, b) in enumerate(zip(NAMES, bounds, bounds[1:]))}
@@ -543,7 +454,7 @@ class FullDisk:
 
 def test_a_full_disk_during_download_names_the_file_and_the_space_needed(project, server, archives, monkeypatch):
     table = mirror_table(project, server, archives)
-    monkeypatch.setattr(download, "open", lambda path, mode="r": FullDisk(path, mode, 16384), raising=False)
+    monkeypatch.setattr(fetch_module, "open", lambda path, mode="r": FullDisk(path, mode, 16384), raising=False)
     size = len(archives["images_003.tar.gz"])
     part = project / ARCHIVES / "images_003.tar.gz.part"
     with pytest.raises(download.DownloadError, match=f"cannot write {ARCHIVES}/images_003.tar.gz.part: "
@@ -551,7 +462,7 @@ def test_a_full_disk_during_download_names_the_file_and_the_space_needed(project
         download.main(nih_params(project, table, archives=["images_003.tar.gz"]))
     assert part.read_bytes() == archives["images_003.tar.gz"][:16384]  # kept for resuming
     assert len(server.requests) == 1  # not retried: another try would fail the same way
-    monkeypatch.delattr(download, "open")
+    monkeypatch.delattr(fetch_module, "open")
     download.main(nih_params(project, table, archives=["images_003.tar.gz"]))  # space freed: it resumes
     assert server.requests[-1] == ("/images_003.tar.gz", "bytes=16384-")
 
@@ -562,6 +473,6 @@ def test_a_read_only_folder_is_named(project, server, archives, monkeypatch):
     def read_only(path, mode="r"):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-    monkeypatch.setattr(download, "open", read_only, raising=False)
+    monkeypatch.setattr(fetch_module, "open", read_only, raising=False)
     with pytest.raises(download.DownloadError, match="cannot write .*images_001.tar.gz.part: Read-only file system"):
         download.main(nih_params(project, table, archives=["images_001.tar.gz"]))

@@ -37,8 +37,9 @@ def mismatches(dvc_yaml: dict) -> dict[str, dict[str, list[str]]]:
     return out
 
 
-def test_the_pipeline_has_the_check_then_the_seven_stages_in_order():
-    assert STAGES == ["check", "download", "filter", "crop", "split", "resample", "train", "evaluate"]
+def test_the_pipeline_has_the_check_then_the_stages_in_order():
+    assert STAGES == ["check", "download", "weights", "filter", "crop", "split", "resample", "train", "evaluate",
+                      "localize"]
     assert DVC_YAML["stages"]["check"]["cmd"] == "python -m stages check"
     for stage in PROCESSING:
         assert DVC_YAML["stages"][stage]["cmd"] == f"python -m stages.{stage}"
@@ -48,6 +49,7 @@ def test_the_check_comes_before_any_work_and_reads_every_section():
     from cxr14.params import SECTIONS
 
     assert "data/check/params.ok" in DVC_YAML["stages"]["download"]["deps"]
+    assert "data/check/params.ok" in DVC_YAML["stages"]["weights"]["deps"]
     assert set(DVC_YAML["stages"]["check"]["params"]) == set(SECTIONS)
 
 
@@ -65,8 +67,9 @@ def test_the_check_fails_when_a_dep_is_removed_or_added():
 
 def test_the_labels_module_is_a_dep_of_every_stage_that_reads_labels():
     users = {stage for stage in STAGES if "cxr14/labels.py" in code_deps(DVC_YAML, stage)}
-    # download: the synthetic generator draws a sign per finding; check: it runs every stage's checks
-    assert users == {"check", "download", "split", "resample", "train", "evaluate"}
+    # download: the synthetic generator draws a sign per finding; check: it runs every stage's checks;
+    # localize: the box list's findings are checked against the labels
+    assert users == {"check", "download", "split", "resample", "train", "evaluate", "localize"}
 
 
 @pytest.mark.parametrize("stage", PROCESSING)

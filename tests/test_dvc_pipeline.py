@@ -33,7 +33,7 @@ def clone(tmp_path_factory):
 
 def test_dvc_runs_every_stage_and_shows_the_metrics(clone):
     out = exp_run(clone, "smoke-a", *SMOKE)
-    for stage in ("check", "download", "filter", "crop", "split", "resample", "train", "evaluate"):
+    for stage in ("check", "download", "filter", "crop", "split", "resample", "train", "evaluate", "localize"):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads(sh(clone, "dvc", "metrics", "show", "--json"))
     files = next(iter(metrics.values()))["data"]
@@ -42,6 +42,7 @@ def test_dvc_runs_every_stage_and_shows_the_metrics(clone):
     assert split["train"]["images"] > 0 and split["test"]["images"] > 0
     assert "labels" in files["metrics/resample.json"]["data"]
     assert "Atelectasis" in files["metrics/evaluate.json"]["data"]["auroc"]
+    assert "boxes_scored" in files["metrics/localize.json"]["data"]
 
 
 def test_an_ablation_reuses_the_data_stages_and_diffs_per_label_auroc(clone):
@@ -71,9 +72,9 @@ def test_editing_a_library_module_makes_exactly_its_users_stale(clone):
         stale = json.loads(sh(clone, "dvc", "status", "--json"))
     finally:
         labels.write_text(original)
-    users = {s for s in ("download", "filter", "crop", "split", "resample", "train", "evaluate")
+    users = {s for s in ("download", "filter", "crop", "split", "resample", "train", "evaluate", "localize")
              if "cxr14/labels.py" in imports.project_files(f"stages.{s}")}
-    assert users == {"download", "split", "resample", "train", "evaluate"}
+    assert users == {"download", "split", "resample", "train", "evaluate", "localize"}
     assert set(stale) == users | {"check"}  # check runs every stage's params check
     assert all({"changed deps": {"cxr14/labels.py": "modified"}} in stale[s] for s in set(stale))
 

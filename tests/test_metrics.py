@@ -89,3 +89,21 @@ def test_bootstrap_resamples_whole_patients():
     y, p = fixed(60)
     one_patient = M.bootstrap_auroc(y, p, np.zeros(60, dtype=int), rounds=50, seed=0)
     assert one_patient["macro"][0] == one_patient["macro"][1]  # one patient: every resample is the same set
+
+
+def test_each_bootstrap_round_is_the_auroc_of_the_resampled_rows_ties_included():
+    """The bootstrap weighs rows by how often their patient was drawn instead of building each resample:
+    it must give what scikit-learn gives on the resample built by hand."""
+    rng = np.random.default_rng(4)
+    y = (rng.random((400, 2)) < [0.3, 0.1]).astype(np.float32)
+    p = np.round(rng.random((400, 2)), 1)  # many ties
+    patients = rng.integers(0, 90, 400)
+    ids, rows_of = np.unique(patients, return_inverse=True)
+    drawn = np.random.default_rng([5, 7]).integers(0, len(ids), len(ids))  # the draws of round 1, seed 5
+    rows = np.concatenate([np.flatnonzero(rows_of == i) for i in drawn])
+    times = np.bincount(drawn, minlength=len(ids))[rows_of]
+    for j in range(2):
+        by_hand = roc_auc_score(y[rows, j], p[rows, j])
+        assert abs(M._weighted_auroc(times, *M._ranked(y[:, j], p[:, j])) - by_hand) < 1e-12
+    one_round = M.bootstrap_auroc(y, p, patients, rounds=1, seed=5, level=0.0)
+    assert abs(one_round["per_label"][0][0] - roc_auc_score(y[rows, 0], p[rows, 0])) < 1e-12

@@ -1,11 +1,12 @@
 """A bad value stops a stage before any work, with an error naming the key, the value and what is valid."""
 
 import copy
+import socket
 
 import pytest
 
 from cxr14.params import ParamError, load
-from stages import crop, download, evaluate, filter, resample, split, train
+from stages import crop, download, evaluate, filter, localize, resample, split, train, weights
 
 from .conftest import REPO, write_params
 
@@ -86,7 +87,7 @@ def test_stage_stops_before_any_work(project):
     assert not (project / "data" / "crop").exists()
 
 
-CHECKS = (download, filter, crop, split, resample, train, evaluate)
+CHECKS = (download, weights, filter, crop, split, resample, train, evaluate, localize)
 PARAMS_YAML = load(REPO / "params.yaml")
 
 
@@ -182,7 +183,11 @@ def test_cxr_check_asks_for_missing_imagenet_weights_before_any_work(project, mo
     from stages.cli import app
 
     monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "empty-hub"))
-    write_params(project, {"model": {"pretrained": "imagenet", "backbone": "densenet121"}})
+    with socket.socket() as unused:  # a port nobody listens on: the weights' server cannot be reached
+        unused.bind(("127.0.0.1", 0))
+        mirror = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    write_params(project, {"model": {"pretrained": "imagenet", "backbone": "densenet121"}, "weights": {"mirror": mirror}})
     result = CliRunner().invoke(app, ["check"])
     assert result.exit_code == 2 and "model.pretrained" in result.output and "densenet121-" in result.output
+    assert "empty-hub/checkpoints/densenet121-a639ec97.pth" in result.output  # where to put them by hand
     assert not (project / "data" / "check").exists()

@@ -1,6 +1,8 @@
 """The catalog of the report's tables, and `cxr table` / `cxr report` on real (smoke-scale) experiments."""
 
 import itertools
+import json
+import os
 import subprocess
 import sys
 
@@ -62,9 +64,9 @@ SMOKE = ["data.synthetic.images=300", "data.synthetic.image_size=64", "data.synt
          "crop.size=32", "train.epochs=2", "train.switch.epoch=1", "evaluate.bootstrap=20"]
 
 
-def cxr(folder, *args, check=True):
+def cxr(folder, *args, check=True, env=None):
     done = subprocess.run([sys.executable, "-m", "stages", *args], cwd=folder, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, env=env)
     if check:
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return done
@@ -107,6 +109,58 @@ def test_a_failed_column_is_reported_and_the_others_still_run(clone):
     assert done.returncode == 1
     assert "weights_15-imagenet: FAILED" in done.stdout
     assert "table weights_15: 1 run, 0 kept, 1 failed: weights_15-imagenet" in done.stdout
+
+
+def test_a_column_that_is_another_runs_run_waits_for_it_then_comes_from_the_run_cache():
+    chosen = [CATALOG["benchmark_15"], CATALOG["resampling_15"]]
+    todo = {t.experiment(c): (c, []) for t in chosen for c in t.runnable}
+    first, second = tables.waves(chosen, todo)
+    assert list(first) == ["benchmark_15-benchmark", "resampling_15-resampled"]
+    assert list(second) == ["resampling_15-original"]  # same_run_as benchmark_15/benchmark
+    alone = [CATALOG["resampling_15"]]
+    assert [list(w) for w in tables.waves(alone, {t.experiment(c): (c, []) for t in alone for c in t.runnable})] == [
+        ["resampling_15-original", "resampling_15-resampled"]]
+
+
+# The same thread count for both ways: on the CPU it changes the order of floating-point sums, so the figures.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def queued_clone(tmp_path_factory):
+    return working_tree_copy(tmp_path_factory.mktemp("queued") / "repo")
+
+
+def evaluated(folder, experiment: str) -> dict:
+    import dvc.api
+
+    return json.loads(dvc.api.read("metrics/evaluate.json", repo=str(folder), rev=experiment))
+
+
+@pytest.mark.e2e
+def test_columns_run_at_once_through_dvcs_queue_give_the_figures_of_one_after_another(queued_clone, tmp_path):
+    at_once = cxr(queued_clone, "table", "run", "optimizer_15", "--demo", *smoke_args(), "--jobs", "2",
+                  env=ONE_THREAD).stdout
+    assert "$ dvc queue start --jobs 2" in at_once and "table optimizer_15: 2 run, 0 kept, 0 failed" in at_once
+    changes = [line.split(" ", 1)[1] for line in at_once.splitlines() if line.endswith((": running", ": success"))]
+    assert sorted(changes[:2]) == ["optimizer_15-adam: running", "optimizer_15-sgd: running"]  # both at once
+    one_by_one = working_tree_copy(tmp_path / "repo")  # its own DVC cache: nothing comes from the first run
+    cxr(one_by_one, "table", "run", "optimizer_15", "--demo", *smoke_args(), "--jobs", "1", env=ONE_THREAD)
+    table = tables.load(REPO / "tables.yaml")["optimizer_15"]
+    for column in table.runnable:
+        experiment = table.experiment(column)
+        assert evaluated(queued_clone, experiment) == evaluated(one_by_one, experiment), experiment
+
+
+@pytest.mark.e2e
+def test_a_failed_queued_column_is_named_with_the_command_that_shows_its_log(queued_clone):
+    done = cxr(queued_clone, "table", "run", "weights_15", "--demo", *smoke_args(), "--jobs", "2", check=False)
+    assert done.returncode == 1
+    assert "weights_15-imagenet: FAILED; its log: dvc queue logs weights_15-imagenet" in done.stdout
+    assert "table weights_15: 1 run, 0 kept, 1 failed: weights_15-imagenet" in done.stdout
+    log = subprocess.run(["dvc", "queue", "logs", "weights_15-imagenet"], cwd=queued_clone, capture_output=True,
+                         text=True).stdout
+    assert "model.pretrained = 'imagenet' is not valid" in log
 
 
 @pytest.mark.e2e

@@ -80,15 +80,6 @@ def test_head_layers_follow_the_report():
     assert [type(m).__name__ for m in models.head(1024, [], 0.0, 14)] == ["Linear"]  # CheXNet's
 
 
-def test_imagenet_weights_missing_says_where_to_put_them(monkeypatch, tmp_path):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(ParamError) as caught:
-        models.create_model(models.ModelConfig("densenet121", "imagenet", "replace_last", [], 0.0, None), 14)
-    message = str(caught.value)
-    assert "densenet121-a639ec97.pth" in message and str(tmp_path / "checkpoints") in message
-    assert "model.pretrained: none" in message
-
-
 def test_gray_input_reaches_the_model_as_three_normalized_channels():
     x = torch.full((2, 1, 8, 8), 255, dtype=torch.uint8)
     out = prepare(x, 8, None, None)

@@ -1,0 +1,271 @@
+"""`cxr predict` on a user's images: PNG (grey, RGBA), JPEG and DICOM files and folders, prepared as the model's
+training images were; unreadable files reported one by one."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxr14 import models
+from cxr14 import predict as P
+from cxr14.batches import prepare
+from cxr14.images import crop_resize
+from stages import train
+from stages.cli import app
+
+from .conftest import params_with
+
+FRACTION, CROP, INPUT = 0.5, 24, 32  # a model trained on 50% center crops packed at 24 px, seen at 32 px
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A small untrained network saved the way the train stage saves its best model."""
+    params = params_with({"crop": {"fraction": FRACTION, "size": CROP}, "model": {"input_size": INPUT}})
+    task, model_config, config = train.check(params)
+    torch.manual_seed(0)
+    net = models.create_model(model_config, len(task.names), INPUT)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    train.save_model(params, task, model_config, config, INPUT, path, net.state_dict(), 1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(model_file):
+    return P.load_model(str(model_file), "cpu")
+
+
+def xray(seed=0, shape=(60, 80)):
+    """A grey uint8 image with structure (a bright blob off center, a gradient, noise), not square."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:shape[0], :shape[1]]
+    blob = 120 * np.exp(-((rows - shape[0] * 0.4) ** 2 + (cols - shape[1] * 0.6) ** 2) / 60)
+    return np.clip(40 + cols * 1.2 + blob + rng.normal(0, 8, shape), 0, 255).astype(np.uint8)
+
+
+def save_png(path, pixels, mode=None):
+    Image.fromarray(pixels, mode=mode).save(path)
+    return path
+
+
+def write_dicom(path, stored, photometric="MONOCHROME2", bits=12, window=None, rescale=None):
+    """A single-frame 16-bit-allocated DICOM file with a preamble, as a modality would write it."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def network_on(pixels, model_file):
+    """The probabilities computed here by hand: the model's crop, resized to its input, through its network."""
+    saved = torch.load(model_file, weights_only=False)
+    net = models.create_model(models.ModelConfig(**saved["model"]), len(saved["names"]), INPUT)
+    net.load_state_dict(saved["state_dict"])
+    packed = torch.from_numpy(crop_resize(Image.fromarray(pixels), FRACTION, CROP).copy())[None, None]
+    with torch.no_grad():
+        return torch.sigmoid(net.eval()(prepare(packed, INPUT, None, None))).double()[0].numpy()
+
+
+def run(predictor, files, **kwargs):
+    return P.predict(predictor, [Path(f) for f in files], 4, show_progress=False, **kwargs)
+
+
+def test_an_image_is_prepared_with_the_crop_and_sizes_its_model_was_trained_with(predictor, tmp_path):
+    path = save_png(tmp_path / "a.png", xray())
+    assert (predictor.fraction, predictor.crop_size, predictor.input_size) == (FRACTION, CROP, INPUT)
+    prepared = predictor.preprocess(P.read_image(path))
+    assert prepared.shape == (CROP, CROP)
+    assert np.array_equal(prepared, crop_resize(Image.open(path), FRACTION, CROP))
+
+
+def test_a_png_gets_the_networks_probabilities_on_that_crop(predictor, model_file, tmp_path):
+    pixels = xray()
+    [result] = run(predictor, [save_png(tmp_path / "a.png", pixels)])
+    assert result.error is None
+    assert np.allclose(result.probabilities, network_on(pixels, model_file), atol=1e-6)
+
+
+def test_an_rgba_png_predicts_as_its_grey_image(predictor, tmp_path):
+    pixels = xray()
+    rgba = np.dstack([pixels, pixels, pixels, np.random.default_rng(1).integers(0, 256, pixels.shape, dtype=np.uint8)])
+    grey, colour = run(predictor, [save_png(tmp_path / "grey.png", pixels), save_png(tmp_path / "rgba.png", rgba, "RGBA")])
+    assert np.array_equal(grey.probabilities, colour.probabilities)
+
+
+def test_a_jpeg_predicts_as_its_decoded_pixels(predictor, tmp_path):
+    Image.fromarray(xray()).save(tmp_path / "a.jpg", quality=90)
+    decoded = np.asarray(Image.open(tmp_path / "a.jpg").convert("L"))
+    jpeg, png = run(predictor, [tmp_path / "a.jpg", save_png(tmp_path / "decoded.png", decoded)])
+    assert jpeg.error is None and np.array_equal(jpeg.probabilities, png.probabilities)
+
+
+def test_a_dicom_window_and_rescale_map_to_the_full_grey_range(tmp_path):
+    # value = 2 * stored - 1000; LINEAR window 2000 / 1001: below 1499.5 black, above 2499.5 white
+    stored = np.array([[1000, 1250, 1500], [1600, 1750, 2200]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "a.dcm", stored, window=(2000, 1001), rescale=(2, -1000))
+    value = 2.0 * stored - 1000
+    expected = np.round(np.clip((value - 1999.5) / 1000 + 0.5, 0, 1) * 255).astype(np.uint8)
+    assert np.array_equal(P.read_image(path), expected)
+    assert P.read_image(path).min() == 0 and P.read_image(path).max() == 255
+
+
+def test_a_dicom_without_a_window_is_scaled_by_its_bit_depth(tmp_path):
+    stored = np.array([[0, 1024, 2048, 4095]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "a.dcm", stored, bits=12)
+    assert list(P.read_image(path)[0]) == [0, 64, 128, 255]  # round(v * 255 / 4095)
+
+
+def test_a_monochrome1_dicom_predicts_as_the_inverted_monochrome2_one(predictor, tmp_path):
+    stored = (xray().astype(np.uint16) * 16).astype(np.uint16)  # 12 bits
+    m1 = write_dicom(tmp_path / "m1.dcm", stored, "MONOCHROME1", window=(2048, 3000))
+    m2 = write_dicom(tmp_path / "m2.dcm", stored, "MONOCHROME2", window=(2048, 3000))
+    assert np.array_equal(P.read_image(m1), 255 - P.read_image(m2))
+    inverted = save_png(tmp_path / "inverted.png", 255 - P.read_image(m2))
+    one, two, png = run(predictor, [m1, m2, inverted])
+    assert np.array_equal(one.probabilities, png.probabilities)
+    assert not np.array_equal(one.probabilities, two.probabilities)
+
+
+def test_a_dicom_file_is_found_by_its_marker_without_a_suffix(tmp_path):
+    stored = np.array([[0, 4095]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "a.dcm", stored)
+    path.rename(tmp_path / "IM0001")
+    assert list(P.read_image(tmp_path / "IM0001")[0]) == [0, 255]
+
+
+def test_a_folder_is_searched_recursively_for_png_jpeg_and_dicom(tmp_path):
+    (tmp_path / "study/series").mkdir(parents=True)
+    save_png(tmp_path / "study/a.PNG", xray())
+    Image.fromarray(xray()).save(tmp_path / "study/series/b.jpeg")
+    write_dicom(tmp_path / "study/series/IM0001", np.zeros((4, 4), np.uint16))
+    (tmp_path / "study/notes.txt").write_text("not an image")
+    files, problems = P.find_images([tmp_path / "study"])
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["study/a.PNG", "study/series/IM0001",
+                                                                  "study/series/b.jpeg"]
+    assert problems == {}
+
+
+def test_paths_that_give_no_image_are_named_with_why(tmp_path):
+    (tmp_path / "empty").mkdir()
+    files, problems = P.find_images([tmp_path / "empty", tmp_path / "missing.png"])
+    assert files == []
+    assert "no PNG, JPEG or DICOM" in problems[str(tmp_path / "empty")]
+    assert problems[str(tmp_path / "missing.png")] == "no such file or folder"
+
+
+@pytest.mark.parametrize("content, why", [(b"just text, no image", "not a PNG, JPEG or DICOM image"),
+                                          (b"", "an empty file"),
+                                          ("truncated", "cannot be decoded")])
+def test_an_unreadable_file_gets_its_own_error_and_the_others_still_run(predictor, tmp_path, capsys, content, why):
+    good = save_png(tmp_path / "good.png", xray())
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(good.read_bytes()[:200] if content == "truncated" else content)
+    first, broken, last = run(predictor, [good, bad, save_png(tmp_path / "last.png", xray(2))])
+    assert first.error is None and last.error is None and broken.probabilities is None
+    assert why in broken.error
+    assert f"{bad}: {broken.error}" in capsys.readouterr().err
+
+
+def test_a_dicom_that_is_not_one_is_reported(predictor, tmp_path):
+    (tmp_path / "fake.dcm").write_bytes(b"\0" * 200)
+    [result] = run(predictor, [tmp_path / "fake.dcm"])
+    assert result.probabilities is None and "DICOM" in result.error
+
+
+def test_the_csv_has_one_row_per_file_at_full_precision_and_the_errors(predictor, model_file, tmp_path):
+    good = save_png(tmp_path / "good.png", xray())
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    result = CliRunner().invoke(app, ["predict", str(good), str(tmp_path / "bad.jpg"), "--model", str(model_file),
+                                      "--out", str(tmp_path / "out.csv"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert list(table.columns) == ["file", *[f"p_{n}" for n in predictor.names], "error"]
+    assert list(table["file"]) == [str(good), str(tmp_path / "bad.jpg")]
+    [expected] = run(predictor, [good])
+    assert table.loc[0, [f"p_{n}" for n in predictor.names]].astype(float).tolist() == expected.probabilities.tolist()
+    assert table.loc[0, "error"] == "" and table.loc[1, "error"] == "not a PNG, JPEG or DICOM image"
+    assert "bad.jpg: not a PNG, JPEG or DICOM image" in result.stderr
+
+
+def test_the_exit_status_is_an_error_only_when_no_file_could_be_read(model_file, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "bad.png"), str(tmp_path / "missing"),
+                                      "--model", str(model_file), "--out", str(tmp_path / "out.csv")])
+    assert result.exit_code == 1 and "no file could be read" in result.stderr
+    assert pd.read_csv(tmp_path / "out.csv")["error"].notna().all()
+
+
+def test_a_model_file_without_its_preparation_is_refused_clearly(model_file, tmp_path):
+    saved = torch.load(model_file, weights_only=False)
+    del saved["params"]["crop"]
+    torch.save(saved, tmp_path / "old.pt")
+    with pytest.raises(P.PredictError, match="does not record params.crop.fraction, params.crop.size"):
+        P.load_model(str(tmp_path / "old.pt"), "cpu")
+
+
+def test_a_missing_model_file_says_how_to_make_one(tmp_path):
+    with pytest.raises(P.PredictError, match="no such file.*dvc repro"):
+        P.load_model(str(tmp_path / "model.pt"), "cpu")
+
+
+def test_heatmaps_overlay_each_images_top_labels(predictor, tmp_path):
+    files = [save_png(tmp_path / "a.png", xray()), save_png(tmp_path / "b.png", xray(3))]
+    results = run(predictor, files, heatmaps=tmp_path / "heat", top=2)
+    for path, result in zip(files, results):
+        best = [predictor.names[j] for j in np.argsort(-result.probabilities, kind="stable")[:2]]
+        assert result.heatmaps == [str(tmp_path / "heat" / f"{path.stem}.{name}.png") for name in best]
+        for written in result.heatmaps:
+            image = Image.open(written)
+            assert image.mode == "RGB" and image.size == (CROP, CROP)
+
+
+def test_an_experiments_model_is_read_through_dvc_by_its_name(model_file, tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    def sh(*command):
+        subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
+
+    def save(epoch):
+        saved = torch.load(model_file, weights_only=False)
+        torch.save({**saved, "epoch": epoch}, tmp_path / P.MODEL_FILE)
+
+    sh("git", "init", "-q")
+    sh("git", "config", "user.email", "test@example.invalid")
+    sh("git", "config", "user.name", "test")
+    sh("dvc", "init", "-q")
+    (tmp_path / P.MODEL_FILE).parent.mkdir(parents=True)
+    shutil.copy(model_file, tmp_path / P.MODEL_FILE)
+    save(1)
+    sh("dvc", "add", "-q", P.MODEL_FILE)
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "a first model")
+    save(7)
+    sh("dvc", "exp", "save", "-q", "-n", "longer")
+    save(9)  # the workspace moves on: the experiment's file is still its own
+    monkeypatch.chdir(tmp_path)
+    assert P.read_model_file("longer")[0]["epoch"] == 7
+    assert P.read_model_file("HEAD")[0]["epoch"] == 1
+    assert P.load_model("longer", "cpu").source == f"{P.MODEL_FILE} of longer"
+    with pytest.raises(P.PredictError, match="nope: no such file, and .* cannot be read from an experiment"):
+        P.load_model("nope", "cpu")
