@@ -10,8 +10,10 @@
 Columns run one after another, or N at a time (`dvc exp run --queue`, `dvc queue start --jobs N`; each
 train and evaluate takes a GPU of its own: cxr14/gpus.py); a failed column is reported and the rest
 still run; a column whose experiment already exists with the same params is not run again. Stages
-that a column shares with an earlier one come from DVC's run cache, linked, not copied (.dvc/config:
-cache.type); columns running at the same time each run the stages they share.
+that a column shares with an earlier one (download, filter, crop, split, resample, weights) come from
+DVC's run cache, linked, not copied (.dvc/config: cache.type); train, evaluate and localize never do
+(train's checkpoint is persistent, evaluate's and localize's plots are not cached, and DVC's run cache
+skips such stages); columns running at the same time each run the stages they share.
 """
 
 from __future__ import annotations
@@ -198,7 +200,8 @@ def run(names: str | list[str], demo: bool = False, extra: list[str] = (), jobs:
     """Run the columns of one or more tables (`all`: every table) that are missing or whose params changed:
     one after another (jobs 1), or through DVC's queue, `jobs` at a time (each train and evaluate on a GPU
     of its own: cxr14/gpus.py). A column that is the same run as another being run (same_run_as) waits for
-    it, then comes from DVC's run cache, rather than running twice at once."""
+    it, so that it takes the shared stages from DVC's run cache; it trains and evaluates again (train is
+    never in the run cache)."""
     if jobs < 1:
         raise ValueError(f"--jobs {jobs}: expected 1 or more experiments at a time")
     names = [names] if isinstance(names, str) else list(names)
@@ -232,7 +235,7 @@ def run(names: str | list[str], demo: bool = False, extra: list[str] = (), jobs:
 
 def waves(tables: list[Table], todo: dict[str, tuple]) -> list[dict[str, tuple]]:
     """The columns to run in two waves: first every run, then the columns that are the same run as one of
-    the first wave (same_run_as), which then come from DVC's run cache in seconds."""
+    the first wave (same_run_as), which then take the stages they share from DVC's run cache."""
     owner = {table.experiment(c): table for table in tables for c in table.runnable}
     first_runs = {f"{owner[exp].name}/{column.name}" for exp, (column, _) in todo.items()}
     later = {exp for exp, (column, _) in todo.items() if column.same_run_as in first_runs}

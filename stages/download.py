@@ -13,7 +13,7 @@
 Outputs: data/raw/metadata.csv (the images that are there), data/raw/sources.csv (where they are),
 data/raw/bboxes.csv (NIH's box list, in its format: its radiologists' boxes of the images found, or the
 synthetic signs' extents),
-data/raw/archives/ (downloaded or synthetic archives), metrics/download.json (how many of the
+data/raw/archives/ (synthetic archives, or hard links to the downloads in data/.download), metrics/download.json (how many of the
 metadata's images were found and how many are missing, how many images of a local folder the metadata
 does not list, and the labels with fewer than FEW_POSITIVES positive images: each is also a warning).
 """
@@ -43,6 +43,7 @@ from cxr14.images import ArchiveError, list_archive, scan_local
 from cxr14.stage import worker_process
 
 RAW = Path("data/raw")
+STORE = Path("data/.download")  # NIH's archives as fetched, partial or verified: outside every DVC output
 SOURCES = ("nih", "local", "synthetic")
 FEW_POSITIVES = 10  # fewer positive images of a label than this: its AUROC is undefined or noise (a warning, not a setting)
 
@@ -161,16 +162,34 @@ def _verify(path: Path, name: str, md5: str | None, images: int) -> None:
                             "and never taken as complete: the mirror's file or the table is wrong")
 
 
-def download_nih(config: DataConfig, directory: Path, table: pd.DataFrame) -> None:
-    """Fetch the archives of the table (several at a time) into `directory`."""
+def _link(source: Path, target: Path) -> None:
+    """`target` as a hard link to `source` (a copy where the two are on different file systems)."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def download_nih(config: DataConfig, directory: Path, table: pd.DataFrame, store: Path = STORE) -> None:
+    """Fetch the archives of the table (several at a time) into `store`, then hard-link them into `directory`.
+
+    `store` (data/.download) belongs to no DVC output: DVC deletes data/raw/archives before it reruns this
+    stage (a changed param or code), and a partial or verified archive there would go with it. Since the
+    output is not persistent, DVC's run cache restores it in experiments instead of running the stage."""
+    store.mkdir(parents=True, exist_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_synthetic(directory)
-    needed = sum(int(row.bytes) - file_size(directory / row.archive) - file_size(directory / f"{row.archive}.part")
-                 for row in table.itertuples(index=False) if file_size(directory / row.archive) != row.bytes)
-    free = shutil.disk_usage(directory).free
+    for row in table.itertuples(index=False):  # an earlier version downloaded into data/raw/archives itself
+        for name in (row.archive, f"{row.archive}.part", f".{row.archive}.verified"):
+            if (directory / name).exists() and not (store / name).exists():
+                os.replace(directory / name, store / name)
+    needed = sum(int(row.bytes) - file_size(store / row.archive) - file_size(store / f"{row.archive}.part")
+                 for row in table.itertuples(index=False) if file_size(store / row.archive) != row.bytes)
+    free = shutil.disk_usage(store).free
     if needed > free:
-        raise DownloadError(f"{directory}: the archives need {needed:,} more bytes, {free:,} are free there; "
-                            "free some space (or make data/raw/archives a link to a larger disk) and run again")
+        raise DownloadError(f"{store}: the archives need {needed:,} more bytes, {free:,} are free there; "
+                            f"free some space (or make {store} a link to a larger disk) and run again")
     if config.verify_md5:
         for archive in table["archive"][table["md5"] == ""]:
             print(f"warning: {config.archives_table} gives no MD5 for {archive}: it is checked by its size "
@@ -187,7 +206,7 @@ def download_nih(config: DataConfig, directory: Path, table: pd.DataFrame) -> No
                 bar.update(total, completed=sum(done.values()))
             return report
 
-        futures = [pool.submit(fetch, row.url, directory / row.archive, int(row.bytes),
+        futures = [pool.submit(fetch, row.url, store / row.archive, int(row.bytes),
                                (row.md5 or None) if config.verify_md5 else None, int(row.images),
                                retries=config.retries, backoff=config.backoff_seconds, timeout=config.timeout_seconds,
                                report=reporter(bar.add_task(row.archive, total=int(row.bytes))), stop=stop)
@@ -205,6 +224,8 @@ def download_nih(config: DataConfig, directory: Path, table: pd.DataFrame) -> No
             raise
     if errors:
         raise DownloadError(errors[0] if len(errors) == 1 else f"{len(errors)} archives failed: " + " | ".join(errors))
+    for row in table.itertuples(index=False):
+        _link(store / row.archive, directory / row.archive)
 
 
 # ---------------------------------------------------------------- synthetic: NIH-named archives

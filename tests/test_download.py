@@ -92,7 +92,8 @@ def fetch(server, target, body, md5=None, images=COUNTS[1], **settings):
     return download.fetch(f"{server.url}/a.tar.gz", target, len(body), md5, images, **settings)
 
 
-ARCHIVES = "data/raw/archives"
+ARCHIVES = "data/raw/archives"  # the stage's output: hard links to the archives in STORE
+STORE = "data/.download"  # where downloads are fetched, partial and verified, outside every DVC output
 
 
 # ---------------------------------------------------------------- what already held
@@ -100,7 +101,7 @@ ARCHIVES = "data/raw/archives"
 def test_downloads_verify_and_index_the_archives(project, server, archives):
     table = mirror_table(project, server, archives)
     download.main(nih_params(project, table, workers=2))
-    folder = project / ARCHIVES
+    folder = project / STORE
     assert sorted(p.name for p in folder.glob("*.tar.gz")) == NAMES
     for name, body in archives.items():
         assert (folder / name).read_bytes() == body
@@ -156,7 +157,7 @@ def test_md5_mismatch_is_a_clear_error_and_never_complete(project, server, archi
     table = mirror_table(project, server, archives, md5="0" * 32)
     with pytest.raises(download.DownloadError, match="MD5 .* does not match .*verify_md5: false"):
         download.main(nih_params(project, table))
-    folder = project / ARCHIVES
+    folder = project / STORE
     assert not list(folder.glob("images_00?.tar.gz"))
     assert (folder / "images_001.tar.gz.part").exists()
     server.requests.clear()
@@ -190,7 +191,7 @@ def test_ctrl_c_leaves_no_file_taken_as_complete(project, server, archives):
     child = subprocess.Popen([sys.executable, "-c", f"from stages import download; download.main({params!r})"],
                              cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
-    part = project / ARCHIVES / "images_002.tar.gz.part"
+    part = project / STORE / "images_002.tar.gz.part"
     deadline = time.time() + 60
     while not (part.exists() and part.stat().st_size >= 4096) and time.time() < deadline:
         time.sleep(0.05)
@@ -222,7 +223,7 @@ def test_a_web_page_instead_of_the_archive_names_the_real_cause(project, server,
     with pytest.raises(download.DownloadError,
                        match=f"images_002.tar.gz: the server sent {len(page)} bytes of text/html, expected {size:,} bytes"):
         download.main(nih_params(project, table, verify_md5=False))
-    folder = project / ARCHIVES
+    folder = project / STORE
     assert not (folder / "images_002.tar.gz").exists()
     assert not (folder / "images_002.tar.gz.part").exists()  # the page is not taken for a start of the archive
     assert (folder / "images_001.tar.gz").exists()  # the other archives are fine
@@ -245,7 +246,7 @@ def test_a_gzip_cut_short_is_never_complete_even_without_md5(project, server, ar
     with pytest.raises(download.DownloadError,
                        match="images_002.tar.gz: not a complete gzip'd tar .*, though it has the table's size"):
         download.main(nih_params(project, table, verify_md5=False))
-    folder = project / ARCHIVES
+    folder = project / STORE
     assert not (folder / "images_002.tar.gz").exists()
     assert (folder / "images_002.tar.gz.part").read_bytes() == cut["images_002.tar.gz"]  # kept, never complete
     assert not (project / "data/raw/sources.csv").exists()  # crop never sees it
@@ -279,7 +280,7 @@ def test_an_upper_case_md5_is_the_same_md5(project, server, archives):
 
 def test_a_file_larger_than_the_table_is_an_error_that_keeps_it(project, server, archives):
     table = mirror_table(project, server, archives)
-    folder = project / ARCHIVES
+    folder = project / STORE
     folder.mkdir(parents=True)
     too_long = archives["images_002.tar.gz"] + b"junk" * 10
     (folder / "images_002.tar.gz.part").write_bytes(too_long)
@@ -292,7 +293,7 @@ def test_a_file_larger_than_the_table_is_an_error_that_keeps_it(project, server,
 
 def test_a_file_in_place_of_another_size_is_an_error_that_keeps_it(project, server, archives):
     table = mirror_table(project, server, archives)
-    folder = project / ARCHIVES
+    folder = project / STORE
     folder.mkdir(parents=True)
     (folder / "images_001.tar.gz").write_bytes(b"not this one")
     with pytest.raises(download.DownloadError, match="images_001.tar.gz has 12 bytes, the table gives"):
@@ -303,10 +304,24 @@ def test_a_file_in_place_of_another_size_is_an_error_that_keeps_it(project, serv
 def test_synthetic_archives_never_replace_downloaded_ones(project, server, archives):
     table = mirror_table(project, server, archives)
     download.main(nih_params(project, table))
-    with pytest.raises(StageError, match="holds downloaded NIH archives"):
+    with pytest.raises(StageError, match="holds archives this stage did not write"):
         download.main(write_params(project, {"data": {"source": "synthetic"}}))
     for name, body in archives.items():
         assert (project / ARCHIVES / name).read_bytes() == body
+        assert (project / STORE / name).read_bytes() == body
+
+
+def test_downloads_survive_dvc_deleting_the_output_and_are_linked_again_without_a_transfer(project, server, archives):
+    """DVC deletes data/raw/archives before it reruns the stage (a changed param): the downloads stay in the store."""
+    table = mirror_table(project, server, archives)
+    download.main(nih_params(project, table))
+    shutil.rmtree(project / ARCHIVES)
+    server.requests.clear()
+    download.main(nih_params(project, table, workers=2))
+    assert server.requests == []
+    for name, body in archives.items():
+        assert (project / ARCHIVES / name).read_bytes() == body
+        assert os.path.samefile(project / ARCHIVES / name, project / STORE / name)  # a link, not a copy
 
 
 # ---------------------------------------------------------------- 3: retries and Ctrl-C
@@ -421,7 +436,7 @@ def test_too_little_free_space_is_an_error_before_any_transfer(project, server, 
     table = mirror_table(project, server, archives)
     monkeypatch.setattr(download.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     needed = sum(map(len, archives.values()))
-    with pytest.raises(download.DownloadError, match=f"data/raw/archives: the archives need {needed:,} more bytes, "
+    with pytest.raises(download.DownloadError, match=f"data/.download: the archives need {needed:,} more bytes, "
                                                      "1,000 are free there"):
         download.main(nih_params(project, table))
     assert server.requests == []
@@ -456,8 +471,8 @@ def test_a_full_disk_during_download_names_the_file_and_the_space_needed(project
     table = mirror_table(project, server, archives)
     monkeypatch.setattr(fetch_module, "open", lambda path, mode="r": FullDisk(path, mode, 16384), raising=False)
     size = len(archives["images_003.tar.gz"])
-    part = project / ARCHIVES / "images_003.tar.gz.part"
-    with pytest.raises(download.DownloadError, match=f"cannot write {ARCHIVES}/images_003.tar.gz.part: "
+    part = project / STORE / "images_003.tar.gz.part"
+    with pytest.raises(download.DownloadError, match=f"cannot write {STORE}/images_003.tar.gz.part: "
                                                      f"No space left on device; it needs {size - 16384:,} more bytes"):
         download.main(nih_params(project, table, archives=["images_003.tar.gz"]))
     assert part.read_bytes() == archives["images_003.tar.gz"][:16384]  # kept for resuming
