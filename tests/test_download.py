@@ -186,15 +186,16 @@ def test_a_server_that_ignores_range_is_a_clear_error(project, server, archives)
 
 def test_ctrl_c_leaves_no_file_taken_as_complete(project, server, archives):
     table = mirror_table(project, server, archives)
-    server.delay = 0.2
+    server.delay = 0.5  # a transfer of ~10 s: the signal lands in the middle of it
     params = nih_params(project, table, workers=1, archives=["images_002.tar.gz"])
     child = subprocess.Popen([sys.executable, "-c", f"from stages import download; download.main({params!r})"],
-                             cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
     part = project / STORE / "images_002.tar.gz.part"
     deadline = time.time() + 60
-    while not (part.exists() and part.stat().st_size >= 4096) and time.time() < deadline:
+    while not (part.exists() and part.stat().st_size >= 4096) and time.time() < deadline and child.poll() is None:
         time.sleep(0.05)
+    assert child.poll() is None, f"the download ended before the signal: {child.stderr.read()[-2000:]}"
     child.send_signal(signal.SIGINT)
     assert child.wait(timeout=30) != 0
     final = project / ARCHIVES / "images_002.tar.gz"
