@@ -188,7 +188,10 @@ def test_ctrl_c_leaves_no_file_taken_as_complete(project, server, archives):
     table = mirror_table(project, server, archives)
     server.delay = 0.5  # a transfer of ~10 s: the signal lands in the middle of it
     params = nih_params(project, table, workers=1, archives=["images_002.tar.gz"])
-    child = subprocess.Popen([sys.executable, "-c", f"from stages import download; download.main({params!r})"],
+    # Ctrl-C's handler set in the child: a shell starts background jobs with SIGINT ignored, and CI may be one
+    code = f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); " \
+           f"from stages import download; download.main({params!r})"
+    child = subprocess.Popen([sys.executable, "-c", code],
                              cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
     part = project / STORE / "images_002.tar.gz.part"
