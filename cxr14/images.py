@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -119,12 +119,3 @@ def list_archive(path: str | Path) -> list[str]:
         raise
     except _READ_ERRORS as error:
         raise _unreadable(path, error) from None
-
-
-def iter_sources(sources: pd.DataFrame, wanted: set[str] | None = None) -> Iterable[tuple[str, bytes | str]]:
-    """(image name, PNG bytes or file path) for one group of sources."""
-    for row in sources.itertuples(index=False):
-        if row.kind == "tar":
-            yield from iter_archive(row.path, wanted)
-        elif wanted is None or row.image in wanted:
-            yield row.image, row.path
