@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from isal import igzip, isal_zlib
 from PIL import Image
 
 from cxr14.params import StageError
@@ -89,13 +90,13 @@ def _unreadable(path: str | Path, error: BaseException) -> ArchiveError:
     return unreadable
 
 
-_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)  # gzip.BadGzipFile is an OSError
+_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, isal_zlib.error, OSError)  # BadGzipFile is an OSError
 
 
 def iter_archive(path: str | Path, wanted: set[str] | None = None) -> Iterator[tuple[str, bytes]]:
     """(image name, PNG bytes) for each member of a tar.gz whose base name is wanted (or all)."""
     try:
-        with tarfile.open(path, mode="r|gz") as archive:
+        with igzip.open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
             for member in archive:
                 if not member.isfile():
                     continue
@@ -113,7 +114,7 @@ def iter_archive(path: str | Path, wanted: set[str] | None = None) -> Iterator[t
 def list_archive(path: str | Path) -> list[str]:
     """The image names in a tar.gz (reads it through once: gzip allows no index); a cut one is an ArchiveError."""
     try:
-        with tarfile.open(path, mode="r|gz") as archive:
+        with igzip.open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
             return [member.name.rsplit("/", 1)[-1] for member in archive if member.isfile()]
     except FileNotFoundError:
         raise

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from isal import isal_zlib
 from PIL import Image
 
 from cxr14 import packed_images, progress
@@ -67,9 +68,10 @@ def check(params: dict) -> CropConfig:
 def crop_png(png: bytes, fraction: float, size: int) -> np.ndarray:
     """crop_resize of one PNG file's bytes: the same pixels, sooner. PNG rows are stored in order, so an 8-bit
     gray PNG (nearly all of NIH's) is decoded only down to the last row the resize reads (at fraction 0.75,
-    ~12% of the rows are never decoded). Any other PNG, or one this cannot read, is decoded whole (and its
-    errors are PIL's own). Damage below the rows read goes unnoticed, as PIL misses damage that leaves the
-    rows decodable."""
+    ~12% of the rows are never decoded), and inflated by ISA-L (zlib's bytes at about twice its speed) before
+    Pillow undoes the row filters: 0.7 of the time of a whole Pillow decode on NIH-like PNGs. Any other PNG, or
+    one this cannot read, is decoded whole (and its errors are PIL's own). Damage below the rows read goes
+    unnoticed, as PIL misses damage that leaves the rows decodable."""
     image = Image.open(io.BytesIO(png))
     width, height = image.size
     box = crop_box(width, height, fraction)
@@ -79,15 +81,26 @@ def crop_png(png: bytes, fraction: float, size: int) -> np.ndarray:
         # The bilinear filter reads up to `scale` rows past the box; resize's reduce() one more.
         rows = min(height, math.ceil(box[3] + 2 * max((box[3] - box[1]) / size, 1)) + 2)
         try:
-            top = Image.frombytes("L", (width, rows), _image_data(png, start), "zip", "L")
-        except (ValueError, struct.error):  # cut short or corrupt: the whole decode below raises PIL's error
-            pass
+            filtered = isal_zlib.decompressobj().decompress(_image_data(png, start), (width + 1) * rows)
+            top = Image.frombytes("L", (width, rows), _stored(filtered), "zip", "L")
+        except (ValueError, struct.error, isal_zlib.error):  # cut short or corrupt: the whole decode below
+            pass  # raises PIL's error
         else:
             if _vertical_first(width, rows, size) != _vertical_first(width, height, size):
                 top = top.crop((0, 0, width, height))  # zero rows below, for the whole image's order of passes
             return resize_box(top, box, size)
     image.load()
     return crop_resize(image, fraction, size)
+
+
+def _stored(data: bytes) -> bytes:
+    """`data` as a zlib stream of stored (uncompressed) blocks, with no end: Pillow's PNG decoder inflates it at
+    the speed of a copy and undoes the PNG row filters, and stops at its last row, before any checksum."""
+    view, parts = memoryview(data), [b"\x78\x01"]
+    for start in range(0, len(data), 0xFFFF):
+        block = view[start:start + 0xFFFF]
+        parts += [struct.pack("<BHH", 0, len(block), 0xFFFF ^ len(block)), block]
+    return b"".join(parts)
 
 
 def _vertical_first(width: int, height: int, size: int) -> bool:

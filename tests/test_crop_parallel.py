@@ -117,6 +117,26 @@ def test_a_cut_png_fails_as_the_whole_decode_does(cut):
         crop.crop_png(data, 0.75, 32)
 
 
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
+def test_damaged_image_data_gives_what_the_whole_decode_gives(where):
+    """Bytes overwritten inside the compressed rows (the chunk's CRC made right again): the partial decode (ISA-L
+    inflate) raises PIL's error, or gives PIL's pixels where the damage still inflates. Every row is read (fraction
+    1): damage below the rows the crop reads goes unnoticed, as crop_png says."""
+    data = rechunk(png(Image.fromarray(gray(300, 400, 2))), 1 << 20)  # one IDAT chunk
+    length, = struct.unpack_from(">I", data, 33)  # the IDAT after the 8-byte signature and the 25-byte IHDR
+    body = bytearray(data[41:41 + length])
+    spot = int(length * where)
+    body[spot:spot + 8] = b"\xff" * 8
+    damaged = data[:41] + bytes(body) + struct.pack(">I", zlib.crc32(b"IDAT" + bytes(body))) + data[45 + length:]
+    try:
+        whole = crop_resize(open_png(damaged), 1.0, 32)
+    except Exception as error:
+        with pytest.raises(type(error), match=re.escape(str(error))):
+            crop.crop_png(damaged, 1.0, 32)
+    else:
+        assert np.array_equal(crop.crop_png(damaged, 1.0, 32), whole)
+
+
 def test_many_decoders_on_one_big_and_one_small_archive_give_the_images_one_at_a_time(tmp_path):
     big, small, loose = varied_pngs(70), varied_pngs(3, seed=100), varied_pngs(5, seed=200)
     index, images = crop_folder(tmp_path, [big, small], loose, fraction=0.75, size=48, workers=5)
