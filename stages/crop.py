@@ -39,7 +39,8 @@ from cxr14.stage import worker_process
 
 # A batch, what a reader hands to a decoder: at most BATCH_IMAGES PNGs (few, so that the decoders finish
 # together) and SLOT_BYTES of them (8 NIH PNGs take ~3 MB; a PNG bigger than a slot travels alone, through
-# the queue). SLOTS_PER_DECODER: one batch being decoded and one waiting, so decoders never wait on readers.
+# the queue). Slots: per decoder, one batch being decoded and one waiting; per reader, one it is filling (without it,
+# 12 readers and 16 decoders share 32 slots), so decoders do not wait on readers.
 BATCH_IMAGES = 8
 SLOT_BYTES = 8 << 20
 SLOTS_PER_DECODER = 2
@@ -190,8 +191,8 @@ def _decode(shared: mmap.mmap, array_path: str, fraction: float, size: int, free
             if slot is not None:
                 free.put(slot)
             results.put(("decoded", len(entries), failed))
-        array.flush()
-        results.put(("done",))
+        del array  # no msync: the rows are in the page cache, which every reader of the file sees, also after a
+        results.put(("done",))  # crash of this process; forcing them to disk held 16 decoders up at the end
     except Exception as error:  # an OSError writing the array, ...
         _report(results, error)
 
@@ -209,19 +210,23 @@ def _next_message(results, processes: list) -> tuple:
             pass
 
 
+def slot_count(workers: int, readers: int) -> int:
+    return SLOTS_PER_DECODER * workers + readers
+
+
 def crop_sources(sources: pd.DataFrame, rows: dict[str, int], array_path: Path, fraction: float, size: int,
                  workers: int, bar: progress.Progress) -> tuple[Counter, dict[str, str]]:
     """Crop the wanted images (`rows`: name -> row) of `sources` into the packed array at `array_path`, with a
     reader per archive and `workers` decoders. Return how often each name was found, and the unreadable
     names with why."""
     context = multiprocessing.get_context("fork")  # the workers inherit the shared slots
-    slots = SLOTS_PER_DECODER * workers
+    archives = list(sources.loc[sources["kind"] == "tar", "path"])
+    slots = slot_count(workers, len(archives))
     shared = mmap.mmap(-1, slots * SLOT_BYTES)  # anonymous: the kernel frees it with the last process
     free, batches, results = context.Queue(), context.Queue(), context.Queue()
     decoders = [context.Process(target=_decode, args=(shared, str(array_path), fraction, size, free, batches,
                                                       results), name=f"decoder {i + 1}", daemon=True)
                 for i in range(workers)]
-    archives = list(sources.loc[sources["kind"] == "tar", "path"])
     readers = [context.Process(target=_read_archive, args=(path, rows, shared, free, batches, results),
                                name=f"reader of {path}", daemon=True) for path in archives]
     loose = [(row.image, rows[row.image], row.path) for row in sources[sources["kind"] == "png"].itertuples()

@@ -186,8 +186,8 @@ def test_readers_stay_a_few_batches_ahead_of_the_decoders(tmp_path, monkeypatch)
     monkeypatch.setattr(crop, "crop_png", crop_png)
     crop_folder(tmp_path, [varied_pngs(80)], fraction=0.75, size=16, workers=1)
     ahead = max(count - i for i, count in enumerate(int(n) for n in decoded.read_text().split()))
-    # the decoder's and the queued slot, the batch the reader fills, the PNG that starts the next one
-    assert ahead <= (crop.SLOTS_PER_DECODER + 1) * crop.BATCH_IMAGES + 1 < 80
+    # every slot full, the batch the reader holds waiting for a slot, the PNG that starts the next one
+    assert ahead <= (crop.slot_count(workers=1, readers=1) + 1) * crop.BATCH_IMAGES + 1 < 80
 
 
 def test_one_archive_is_decoded_by_every_decoder(tmp_path, monkeypatch):
