@@ -4,9 +4,11 @@ their name, resumable, atomic; against a local HTTP server serving a small stand
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -172,3 +174,32 @@ def test_dvc_repro_without_network_stops_at_the_check_in_seconds_before_any_down
     assert done.returncode != 0 and time.monotonic() - started < 60
     assert "model.pretrained" in done.stderr and "cannot be reached" in done.stderr
     assert not (clone / "data/raw").exists()  # the 45 GB download never started
+
+
+@pytest.mark.e2e
+def test_dvc_repro_fetches_the_weights_from_a_stand_in_host_once_and_caches_them(tmp_path, server):
+    """`dvc repro weights` of a fresh copy with the committed params (ImageNet weights) against a local server
+    standing in for torchvision's host: fetched and checked; not fetched again by a second `dvc repro`, nor
+    when the output is deleted (DVC restores it from its cache)."""
+    clone = working_tree_copy(tmp_path / "clone")
+    text = (clone / "params.yaml").read_text()
+    assert "pretrained: imagenet" in text
+    (clone / "params.yaml").write_text(text.replace("  mirror: null", f"  mirror: {server.url}"))
+    server.files[f"/{NAME}"] = STAND_IN
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch-home"), "CXR14_STAND_IN_WEIGHTS": NAME,
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "standin_site"), os.environ.get("PYTHONPATH", "")])}
+
+    def repro(*args):
+        done = subprocess.run(["dvc", "repro", *args], cwd=clone, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    repro("weights")
+    assert (clone / FETCHED).read_bytes() == STAND_IN
+    assert [path for path, _ in server.requests if path == f"/{NAME}"]  # the check's probe and the download
+    assert not (clone / "data/raw").exists()  # weights need no download
+    server.requests.clear()
+    assert "didn't change" in repro("weights") and server.requests == []
+    shutil.rmtree(clone / "data/weights")
+    repro("weights")
+    assert (clone / FETCHED).read_bytes() == STAND_IN and server.requests == []
