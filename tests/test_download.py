@@ -20,6 +20,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from cxr14 import boxes, metadata
 from cxr14 import fetch as fetch_module
@@ -27,7 +28,7 @@ from cxr14.atomic import read_csv
 from cxr14.params import StageError
 from stages import download
 
-from .conftest import REPO, write_params
+from .conftest import REPO, working_tree_copy, write_params
 
 NAMES = ["images_001.tar.gz", "images_002.tar.gz", "images_003.tar.gz"]
 COUNTS = [20, 30, 40]
@@ -327,6 +328,32 @@ def test_downloads_survive_dvc_deleting_the_output_and_are_linked_again_without_
         assert (project / ARCHIVES / name).read_bytes() == body
         assert os.path.samefile(project / ARCHIVES / name, project / STORE / name)  # a link, not a copy
 
+
+
+@pytest.mark.e2e
+def test_after_dvc_repro_each_archive_is_on_disk_once(tmp_path, server):
+    """`dvc repro download` of NIH's source: the download in data/.download, the output in data/raw/archives and
+    DVC's cache object are one file (hard links: .dvc/config's cache.type puts hardlink first, so DVC links a
+    run's output into its cache instead of copying it; 45 GB once, not twice)."""
+    clone = working_tree_copy(tmp_path / "clone")
+    reference = clone / "data/reference"
+    rows = pd.read_csv(reference / metadata.METADATA_FILE).sort_values("Image Index").head(sum(COUNTS))
+    rows.to_csv(reference / metadata.METADATA_FILE, index=False)
+    bounds, names = np.cumsum([0, *COUNTS]), list(rows["Image Index"])
+    built = {name: make_archive(names[a:b], seed=i) for i, (name, a, b) in enumerate(zip(NAMES, bounds, bounds[1:]))}
+    table = mirror_table(clone, server, built)
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["data"]["source"], params["model"]["pretrained"] = "nih", "none"  # no weights to reach
+    params["data"]["download"].update(archives_table=str(table), archives="all", backoff_seconds=0.01)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run(["dvc", "repro", "download"], cwd=clone, capture_output=True, text=True,
+                          env={**os.environ, "TORCH_HOME": str(tmp_path / "torch-home")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name, body in built.items():
+        md5 = hashlib.md5(body).hexdigest()
+        copies = [clone / STORE / name, clone / ARCHIVES / name, clone / ".dvc/cache/files/md5" / md5[:2] / md5[2:]]
+        assert copies[1].read_bytes() == body
+        assert len({path.stat().st_ino for path in copies}) == 1, name
 
 # ---------------------------------------------------------------- 3: retries and Ctrl-C
 
