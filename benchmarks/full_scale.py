@@ -8,7 +8,8 @@ pixels, NIH's official split, the report's 14-label resampling targets, one trai
 batches of 64 on a small model from scratch, evaluate with the committed 1,000 bootstrap rounds on the
 whole official test list (~25,000 images), and localize where the stage exists. Each stage runs as
 dvc.yaml runs it (`python -m stages.NAME`) under /usr/bin/time: wall seconds and peak resident memory
-(the stage or its largest worker process) are printed as a table, with the machine. The images are
+(the stage or its largest worker process) are printed as a table, with the machine and the disk space of
+the stage's outputs in dvc.yaml (each file once, as DVC's hard-linked cache would hold it). The images are
 synthetic; the times say how the code scales with NIH's row count, not how long NIH's pixels take.
 """
 
@@ -66,6 +67,29 @@ def stages() -> list[str]:
     return [re.search(r"-m (\S+)", stage["cmd"]).group(1) for stage in pipeline.values()]
 
 
+def outputs(module: str) -> list[str]:
+    """The paths dvc.yaml lists as the stage's outs, metrics and plots (and the download stage's store)."""
+    name = module.removeprefix("stages.").replace("__main__", "check")
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][name]
+    paths = [next(iter(e)) if isinstance(e, dict) else e for key in ("outs", "metrics", "plots")
+             for e in stage.get(key, [])]
+    return paths + (["data/.download"] if name == "download" else [])
+
+
+def disk_bytes(folder: Path, paths: list[str]) -> int:
+    """Bytes on disk of `paths` under `folder`, each file once however many links it has."""
+    seen, total = set(), 0
+    for path in paths:
+        root = folder / path
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+        for file in files:
+            stat = file.stat()
+            if stat.st_ino not in seen:
+                seen.add(stat.st_ino)
+                total += stat.st_blocks * 512
+    return total
+
+
 def run_stage(module: str, folder: Path) -> tuple[float, float, int]:
     """Wall seconds and peak resident MiB of `python -m module` in `folder`."""
     report = folder / ".time"
@@ -105,16 +129,16 @@ def main() -> None:
                 started = time.monotonic()
                 subprocess.run([sys.executable, "-m", command, "check"], cwd=folder, check=True,
                                env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True)
-                rows.append(("check", time.monotonic() - started, float("nan")))
+                rows.append(("check", time.monotonic() - started, float("nan"), disk_bytes(folder, outputs(module))))
                 continue
             print(f"{module} ...", flush=True)
             wall, peak, _ = run_stage(module, folder)
-            rows.append((module.removeprefix("stages."), wall, peak))
+            rows.append((module.removeprefix("stages."), wall, peak, disk_bytes(folder, outputs(module))))
             total += wall
     finally:
-        print("\nstage        wall s   peak RSS MiB")
-        for name, wall, peak in rows:
-            print(f"{name:<12} {wall:7.1f}   {peak:8.0f}")
+        print("\nstage        wall s   peak RSS MiB   outputs on disk MiB")
+        for name, wall, peak, size in rows:
+            print(f"{name:<12} {wall:7.1f}   {peak:8.0f}       {size / 2**20:10.1f}")
         print(f"{'all':<12} {sum(r[1] for r in rows):7.1f}")
         print("(synthetic images at full NIH row count; times measure the code's scaling, not NIH's pixels)")
         if not args.keep:
