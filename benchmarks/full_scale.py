@@ -84,8 +84,8 @@ def disk_bytes(folder: Path, paths: list[str]) -> int:
         files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
         for file in files:
             stat = file.stat()
-            if stat.st_ino not in seen:
-                seen.add(stat.st_ino)
+            if (stat.st_dev, stat.st_ino) not in seen:
+                seen.add((stat.st_dev, stat.st_ino))
                 total += stat.st_blocks * 512
     return total
 

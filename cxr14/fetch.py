@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.client
+import os
 import queue
 import re
 import shutil
@@ -148,6 +149,15 @@ def _check_response(response, stream: _Stream, url: str, part: Path, have: int, 
     return size
 
 
+def _own_copy(part: Path) -> None:
+    """Make `part` a file of its own before appending to it: a verified archive taken back to .part for a
+    new check is also DVC's cache object (a hard link), which an append would change."""
+    if part.exists() and part.stat().st_nlink > 1:
+        private = part.with_name(part.name + ".copy")
+        shutil.copyfile(part, private)
+        os.replace(private, part)
+
+
 def _transfer(url: str, part: Path, have: int, size: int | None, timeout: float, report,
               stop: threading.Event | None, what: str) -> int | None:
     """One request: append what the server sends to `part`. Return the file's size (None: not told)."""
@@ -156,6 +166,7 @@ def _transfer(url: str, part: Path, have: int, size: int | None, timeout: float,
     try:
         size = _check_response(stream.next(stop, timeout), stream, url, part, have, size, stop, timeout, what)
         try:
+            _own_copy(part)
             handle = open(part, "ab")
         except OSError as error:
             raise disk_error(part, error, size) from None

@@ -117,11 +117,12 @@ def test_a_cut_png_fails_as_the_whole_decode_does(cut):
         crop.crop_png(data, 0.75, 32)
 
 
+@pytest.mark.parametrize("fraction", [0.75, 1.0])
 @pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
-def test_damaged_image_data_gives_what_the_whole_decode_gives(where):
-    """Bytes overwritten inside the compressed rows (the chunk's CRC made right again): the partial decode (ISA-L
-    inflate) raises PIL's error, or gives PIL's pixels where the damage still inflates. Every row is read (fraction
-    1): damage below the rows the crop reads goes unnoticed, as crop_png says."""
+def test_damaged_image_data_gives_what_the_whole_decode_gives(where, fraction):
+    """Bytes overwritten inside the compressed rows (the chunk's CRC made right again), also below the rows a
+    75% crop of a tall image reads: the fast path raises Pillow's error, or gives Pillow's pixels where the
+    damage still inflates."""
     data = rechunk(png(Image.fromarray(gray(300, 400, 2))), 1 << 20)  # one IDAT chunk
     length, = struct.unpack_from(">I", data, 33)  # the IDAT after the 8-byte signature and the 25-byte IHDR
     body = bytearray(data[41:41 + length])
@@ -129,12 +130,28 @@ def test_damaged_image_data_gives_what_the_whole_decode_gives(where):
     body[spot:spot + 8] = b"\xff" * 8
     damaged = data[:41] + bytes(body) + struct.pack(">I", zlib.crc32(b"IDAT" + bytes(body))) + data[45 + length:]
     try:
-        whole = crop_resize(open_png(damaged), 1.0, 32)
+        whole = crop_resize(open_png(damaged), fraction, 32)
     except Exception as error:
         with pytest.raises(type(error), match=re.escape(str(error))):
-            crop.crop_png(damaged, 1.0, 32)
+            crop.crop_png(damaged, fraction, 32)
     else:
-        assert np.array_equal(crop.crop_png(damaged, 1.0, 32), whole)
+        assert np.array_equal(crop.crop_png(damaged, fraction, 32), whole)
+
+
+@pytest.mark.parametrize("header", [b"\x88\x1c", b"\x78\x20"], ids=["window-too-big", "preset-dictionary"])
+def test_a_zlib_header_zlib_refuses_is_left_to_pillow(header):
+    """ISA-L reads some headers that zlib (and so Pillow) refuses: those PNGs are decoded by Pillow, whose error
+    they get."""
+    data = rechunk(png(Image.fromarray(gray(120, 100, 3))), 1 << 20)
+    length, = struct.unpack_from(">I", data, 33)
+    body = header + data[43:41 + length]
+    assert (body[0] << 8 | body[1]) % 31 == 0  # right check bits: only the window or the dictionary is wrong
+    bad = data[:33] + struct.pack(">I", len(body)) + b"IDAT" + body + struct.pack(">I", zlib.crc32(b"IDAT" + body)) \
+        + data[45 + length:]
+    with pytest.raises(Exception) as whole:
+        crop_resize(open_png(bad), 0.75, 32)
+    with pytest.raises(type(whole.value), match=re.escape(str(whole.value))):
+        crop.crop_png(bad, 0.75, 32)
 
 
 def test_many_decoders_on_one_big_and_one_small_archive_give_the_images_one_at_a_time(tmp_path):

@@ -154,6 +154,18 @@ def test_a_part_left_by_an_earlier_run_is_resumed(project, server, archives):
     assert server.requests == [("/a.tar.gz", "bytes=1000-")]
 
 
+def test_a_part_that_is_also_a_hard_link_is_copied_before_it_is_appended_to(project, server, archives):
+    """A verified archive taken back to .part is also DVC's cache object (a hard link): the cache keeps its bytes."""
+    body = archives["images_002.tar.gz"]
+    server.files["/a.tar.gz"] = body
+    cache_object = project / "cache-object"
+    cache_object.write_bytes(body[:1000])
+    os.link(cache_object, project / "a.tar.gz.part")
+    fetch(server, project / "a.tar.gz", body)
+    assert (project / "a.tar.gz").read_bytes() == body
+    assert cache_object.read_bytes() == body[:1000]
+
+
 def test_md5_mismatch_is_a_clear_error_and_never_complete(project, server, archives):
     table = mirror_table(project, server, archives, md5="0" * 32)
     with pytest.raises(download.DownloadError, match="MD5 .* does not match .*verify_md5: false"):
@@ -327,7 +339,6 @@ def test_downloads_survive_dvc_deleting_the_output_and_are_linked_again_without_
     for name, body in archives.items():
         assert (project / ARCHIVES / name).read_bytes() == body
         assert os.path.samefile(project / ARCHIVES / name, project / STORE / name)  # a link, not a copy
-
 
 
 @pytest.mark.e2e

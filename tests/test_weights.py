@@ -187,7 +187,8 @@ def test_dvc_repro_fetches_the_weights_from_a_stand_in_host_once_and_caches_them
     (clone / "params.yaml").write_text(text.replace("  mirror: null", f"  mirror: {server.url}"))
     server.files[f"/{NAME}"] = STAND_IN
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch-home"), "CXR14_STAND_IN_WEIGHTS": NAME,
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "standin_site"), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent / "standin_site"),
+                                                       os.environ.get("PYTHONPATH")]))}
 
     def repro(*args):
         done = subprocess.run(["dvc", "repro", *args], cwd=clone, capture_output=True, text=True, env=env)

@@ -10,7 +10,17 @@ import sys
 from types import SimpleNamespace
 
 NAME = os.environ["CXR14_STAND_IN_WEIGHTS"]
-OFFICIAL = SimpleNamespace(DEFAULT=SimpleNamespace(url=f"https://download.pytorch.org/models/{NAME}"))
+
+
+class _StandIn:
+    """torchvision's weights of a backbone (their transforms, meta, ...) with the stand-in's URL."""
+
+    def __init__(self, real):
+        self._real = real
+        self.url = f"https://download.pytorch.org/models/{NAME}"
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
 
 
 class _PatchTorchvisionModels(importlib.abc.MetaPathFinder):
@@ -23,7 +33,8 @@ class _PatchTorchvisionModels(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
-            module.get_model_weights = lambda backbone: OFFICIAL
+            real = module.get_model_weights
+            module.get_model_weights = lambda backbone: SimpleNamespace(DEFAULT=_StandIn(real(backbone).DEFAULT))
 
         spec.loader.exec_module = exec_module
         return spec
