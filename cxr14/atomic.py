@@ -1,4 +1,6 @@
-"""Writes that are all or nothing: a crash never leaves a file that looks complete."""
+"""Writes that are all or nothing: a process that dies (kill -9, Ctrl-C, out of memory) never leaves a file that
+looks complete. Nothing is fsynced: after a power loss, a file renamed into place in the last seconds may read
+as zeros (the crop stage's packed array too); rerun its stage (`dvc repro -f -s NAME`)."""
 
 from __future__ import annotations
 
