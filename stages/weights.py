@@ -21,9 +21,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torchvision
-
 from cxr14 import models, progress
 from cxr14 import params as P
 from cxr14.atomic import write_json
@@ -44,10 +41,14 @@ class WeightsConfig:
 
     @property
     def file_name(self) -> str:
+        import torchvision  # here, not at the top: model.pretrained none needs neither torch nor torchvision
+
         return Path(torchvision.models.get_model_weights(self.backbone).DEFAULT.url).name
 
     @property
     def url(self) -> str:
+        import torchvision
+
         official = torchvision.models.get_model_weights(self.backbone).DEFAULT.url
         return f"{self.mirror.rstrip('/')}/{self.file_name}" if self.mirror else official
 
@@ -69,6 +70,8 @@ def check(params: dict) -> WeightsConfig:
 
 def sha256_prefix(file_name: str) -> str:
     """The hash prefix torchvision puts in its file names: densenet169-b2777c0a.pth -> b2777c0a."""
+    import torch
+
     match = torch.hub.HASH_REGEX.search(file_name)
     if not match or not match.group(1):
         raise DownloadError(f"{file_name}: no SHA-256 prefix in the file name to check it against")
@@ -81,6 +84,8 @@ def matches(path: Path, file_name: str) -> bool:
 
 def hub_copy(config: WeightsConfig) -> Path:
     """Where torchvision itself would have cached the file."""
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints" / config.file_name
 
 
