@@ -12,10 +12,11 @@
     whether one did.
 (d) benchmarks/crop_throughput.py on all cores: images/s of the crop stage and of a plain PIL loop.
 
-A machine without dvc: the script installs dvc and dvclive from a folder of wheels carried with the checkout
-(`--wheels DIR`, else .gpu/wh, shared/wheels/cp312-dvc, ../shared/wheels/cp312-dvc; ../shared/wheels/README.md
-says how to carry them), with no network. (b) and (c) run in a scratch git repository holding this checkout's
-files (tracked and untracked, as tests/conftest.py working_tree_copy does), removed at the end.
+A machine without dvc: the script installs dvc, dvclive, captum, pydicom and isal from a folder of wheels
+carried with the checkout (`--wheels DIR`, else .gpu/wh, shared/wheels/cp312-dvc, ../shared/wheels/cp312-dvc;
+../shared/wheels/README.md says how to carry them), with no network. (b) and (c) run in a scratch git
+repository holding this checkout's files (tracked and untracked, as tests/conftest.py working_tree_copy does),
+removed at the end.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def importable(*modules: str) -> bool:
 
 
 def install(part: Part, wheels: Path | None) -> None:
-    """dvc, dvclive, captum and pydicom from carried wheels, when this python lacks them (the GPU machine has no
-    network); the wheels folder needs captum's and pydicom's too (`pip download` them beside DVC's)."""
+    """dvc, dvclive, captum, pydicom and isal from carried wheels, when this python lacks them (the GPU machine
+    has no network); the wheels folder needs captum's, pydicom's and isal's too (`pip download` them beside
+    DVC's: `pip download --only-binary=:all: --python-version 3.12 isal -d .gpu/wh`)."""
     if importable(*MODULES):
         part.ok, part.figures = True, [f"{', '.join(MODULES)} already installed"]
         return
