@@ -1,6 +1,6 @@
 """Crop-stage throughput against a plain one-file-at-a-time PIL loop, on 1024x1024 NIH-like PNGs, in one run.
 
-    PYTHONPATH=. python benchmarks/crop_throughput.py [--images 240] [--archives 2] [--distinct 48] [--processes N]
+    python benchmarks/crop_throughput.py [--images 240] [--archives 2] [--distinct 48] [--processes N]
                                                       [--repeats 2] [--size 300] [--fraction 0.75]
 
 Makes synthetic NIH-shaped archives (1024x1024 8-bit PNGs; fewer archives than cores, as NIH's 12 are on a big
@@ -20,6 +20,7 @@ import io
 import os
 import platform
 import resource
+import sys
 import tarfile
 import tempfile
 import time
@@ -31,12 +32,14 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from cxr14 import metadata, synthetic
-from cxr14 import params as P
-from cxr14.atomic import write_csv
-from stages import crop
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's code, installed or not
+
+from cxr14 import metadata, synthetic  # noqa: E402
+from cxr14 import params as P  # noqa: E402
+from cxr14.atomic import write_csv  # noqa: E402
+from stages import crop  # noqa: E402
+
 NIH_IMAGES = 112_120
 
 
