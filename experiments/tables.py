@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -284,10 +285,23 @@ def _start_workers(jobs: int) -> bool:
     return subprocess.run(["dvc", "queue", "start", "--jobs", str(jobs)], env=env).returncode == 0
 
 
-def _run_queued(todo: dict[str, tuple[Column, list[str]]], jobs: int) -> tuple[list[str], list[str]]:
+# DVC 3.67 saves a stage's run-cache entry through a temporary file that a second experiment saving the same
+# stage at the same moment can take away (seen in CI: two columns' identical `filter` stages). Such a column
+# is run again, once: the stages it shares then come from the run cache.
+RUN_CACHE_RACE = re.compile(r"failed to reproduce '[^']+': \[Errno 2\] No such file or directory: "
+                            r"'[^']*\.dvc/cache/runs/[^']*\.tmp'")
+
+
+def lost_a_run_cache_race(log: str) -> bool:
+    """Whether a failed experiment's log (`dvc queue logs NAME`) says it lost that race."""
+    return bool(RUN_CACHE_RACE.search(log))
+
+
+def _run_queued(todo: dict[str, tuple[Column, list[str]]], jobs: int, again: bool = True) -> tuple[list[str], list[str]]:
     """Queue each column (`dvc exp run --queue`, which takes the workspace as `--temp` does: tracked files
     with their uncommitted edits, params with the -S overrides), run them `jobs` at a time, wait, and
-    name each failure with the command that shows its log."""
+    name each failure with the command that shows its log. A column that lost a race over DVC's run cache
+    is run again once (`again`)."""
     before = _queue_status(tries=5)
     if before is None:
         raise ValueError("DVC's queue cannot be read (`dvc queue status` says why)")
@@ -320,8 +334,15 @@ def _run_queued(todo: dict[str, tuple[Column, list[str]]], jobs: int) -> tuple[l
             done.append(exp)
         else:
             failed.append(exp)
+    raced = [exp for exp in failed if again and exp in ours.values() and lost_a_run_cache_race(
+        subprocess.run(["dvc", "queue", "logs", exp], capture_output=True, text=True).stdout)]
+    if raced:
+        print(f"\n{', '.join(raced)}: lost a race with another experiment over DVC's run cache (both saved the "
+              "same stage at once): run again", flush=True)
+        ran, failed_again = _run_queued({exp: todo[exp] for exp in raced}, jobs, again=False)
+        done, failed = done + ran, [exp for exp in failed if exp not in raced] + failed_again
     for exp in failed:
-        if exp in ours.values():
+        if exp in ours.values() and exp not in raced:
             print(f"{exp}: FAILED; its log: dvc queue logs {exp}", flush=True)
     return done, failed
 

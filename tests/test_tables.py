@@ -171,6 +171,19 @@ def test_a_failed_queued_column_is_named_with_the_command_that_shows_its_log(que
     assert "model.pretrained = 'imagenet' is not valid" in log
 
 
+def test_a_column_that_lost_dvcs_run_cache_race_is_told_from_one_that_failed():
+    """The log of a queued column that failed because another saved the same stage's run-cache entry at once
+    (seen in CI), against a column that failed on its own (a bad param): only the first is run again."""
+    raced = ("Running stage 'filter':\n> python -m stages.filter\nfilter: kept 299 of 300 images\n"
+             "ERROR: failed to reproduce 'filter': [Errno 2] No such file or directory: '/tmp/q/repo/.dvc/cache/runs/"
+             "a9/a9ca8774d896c30c66662d9d1c9ec3769a16255e2d85c73e84ccfc2c3a31e4f4/.5JeA7oArAJtiNUWhntgpdg.tmp'\n")
+    own = ("Running stage 'check':\n> python -m stages check\nerror: params.yaml: model.pretrained = 'imagenet' is not "
+           "valid\nERROR: failed to reproduce 'check': failed to run: python -m stages check, exited with 2\n")
+    missing_data = "ERROR: failed to reproduce 'crop': [Errno 2] No such file or directory: 'data/raw/archives/x.tar.gz'\n"
+    assert tables.lost_a_run_cache_race(raced)
+    assert not tables.lost_a_run_cache_race(own) and not tables.lost_a_run_cache_race(missing_data)
+
+
 @pytest.mark.e2e
 def test_report_page_for_an_experiment(clone):
     cxr(clone, "report", "optimizer_15-adam", "--out", "plots/report.html")
