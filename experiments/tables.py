@@ -244,17 +244,22 @@ def waves(tables: list[Table], todo: dict[str, tuple]) -> list[dict[str, tuple]]
                         {e: v for e, v in todo.items() if e in later}) if w]
 
 
-def _run_one_by_one(todo: dict[str, tuple[Column, list[str]]]) -> tuple[list[str], list[str]]:
+def _exp_run_each(todo: dict[str, tuple[Column, list[str]]], how: str, failure: str) -> tuple[list[str], list[str]]:
+    """`dvc exp run HOW -n NAME -S ...` for each column, printed before it runs; (succeeded, failed) names."""
     done, failed = [], []
     for exp, (column, overrides) in todo.items():
-        command = ["dvc", "exp", "run", "--temp", "-n", exp, *overrides]
+        command = ["dvc", "exp", "run", how, "-n", exp, *overrides]
         print(f"\n== {exp}: {column.title}\n$ {' '.join(command)}", flush=True)
         if subprocess.run(command).returncode:
             failed.append(exp)
-            print(f"{exp}: FAILED (the other columns still run)", flush=True)
+            print(f"{exp}: {failure} (the other columns still run)", flush=True)
         else:
             done.append(exp)
     return done, failed
+
+
+def _run_one_by_one(todo: dict[str, tuple[Column, list[str]]]) -> tuple[list[str], list[str]]:
+    return _exp_run_each(todo, "--temp", "FAILED")
 
 
 # ---------------------------------------------------------------- several at once: DVC's queue
@@ -309,13 +314,7 @@ def _run_queued(todo: dict[str, tuple[Column, list[str]]], jobs: int, again: boo
     if stale:  # earlier tasks of these names: forgotten, so that `dvc queue logs NAME` shows the new run
         subprocess.run(["dvc", "queue", "remove", *stale], capture_output=True)
     seen = {e["rev"] for e in before}
-    failed = []
-    for exp, (column, overrides) in todo.items():
-        command = ["dvc", "exp", "run", "--queue", "-n", exp, *overrides]
-        print(f"\n== {exp}: {column.title}\n$ {' '.join(command)}", flush=True)
-        if subprocess.run(command).returncode:
-            failed.append(exp)
-            print(f"{exp}: FAILED to queue (the other columns still run)", flush=True)
+    _, failed = _exp_run_each(todo, "--queue", "FAILED to queue")
     ours = {e["rev"]: e["name"] for e in _queue_status(tries=5) or [] if e["rev"] not in seen and e["name"] in todo}
     if not ours:
         return [], failed
