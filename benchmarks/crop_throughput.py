@@ -86,7 +86,7 @@ def stage(folder: Path, rows: pd.DataFrame, workers: int, size: int, fraction: f
         {"kind": "tar", "path": sorted(str(p) for p in folder.glob("*.tar.gz")), "image": ""}))
     (folder / "filter").mkdir(exist_ok=True)
     write_csv(folder / "filter/index.csv", rows)
-    params = P.apply(P.load(REPO / P.PARAMS_FILE), {"crop.fraction": fraction, "crop.size": size, "crop.workers": workers})
+    params = P.apply(P.load(REPO / P.PARAMS_FILE), {"crop.fraction": fraction, "crop.pixels": size, "crop.workers": workers})
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     return timed(lambda: crop.main(str(folder / "params.yaml"), raw=folder / "raw", filtered=folder / "filter",
                                    out=folder / "crop", metrics=folder / "crop.json"))

@@ -45,7 +45,7 @@ def full_scale_params(args) -> dict:
         "data.synthetic.image_size": args.size,
         "data.synthetic.min_positives_per_label": 0,
         "data.synthetic.max_images_per_patient": 200,
-        "crop.size": args.size,
+        "crop.pixels": args.size,
         "crop.workers": 0,
         "split.method": "official",
         "resample.targets": REPORT_TARGETS,

@@ -133,7 +133,7 @@ def small_settings(dry: bool) -> dict:
     """The settings of a small synthetic run on CUDA (or, for the dry run, smaller on the CPU)."""
     device = "cpu" if dry else "cuda"
     return {"data.synthetic.images": 300 if dry else 1000, "data.synthetic.image_size": 64 if dry else 128,
-              "data.synthetic.min_positives_per_label": 10 if dry else 30, "crop.size": 32 if dry else 64,
+              "data.synthetic.min_positives_per_label": 10 if dry else 30, "crop.pixels": 32 if dry else 64,
               "train.epochs": 2, "train.switch.epoch": 1, "evaluate.bootstrap": 20 if dry else 100,
               "train.device": device, "evaluate.device": device}
 

@@ -2,7 +2,7 @@
 
 The model is this workspace's data/train/model.pt, an experiment's or any revision's (read through DVC),
 or a model file. Each image is prepared as the model's training images were, from what its model file
-records: the center crop (crop.fraction) resized to the packed side (crop.size), then resized on the
+records: the center crop (crop.fraction) resized to the packed side (crop.pixels), then resized on the
 device to the network's input side, as in evaluate. DICOM pixels go through the modality LUT
 (RescaleSlope/Intercept), the VOI LUT or window, are scaled from that range to 8 bits, and MONOCHROME1 is
 inverted. A file that cannot be read is reported by name, with why, and the others still run.
@@ -50,7 +50,7 @@ class Predictor:
     net: torch.nn.Module
     names: tuple[str, ...]
     fraction: float    # crop.fraction: the centered square's side over the shorter side
-    crop_size: int     # crop.size: the side of the packed images
+    crop_size: int     # crop.pixels: the side of the packed images
     input_size: int    # the side the network sees (resized on the device)
     runtime: Runtime
     source: str        # where the model came from, for messages
@@ -105,15 +105,15 @@ def _load(source, where: str) -> dict:
 
 
 def preparation(saved: dict, where: str) -> tuple[float, int, int]:
-    """(crop.fraction, crop.size, input side) as the model file records them (train writes the whole params)."""
+    """(crop.fraction, crop.pixels, input side) as the model file records them (train writes the whole params)."""
     crop = ((saved.get("params") if isinstance(saved, dict) else None) or {}).get("crop") or {}
     needed = {"state_dict", "model", "names", "input_size", "precision"}
     missing = sorted(needed - set(saved)) if isinstance(saved, dict) else sorted(needed)
-    missing += [f"params.crop.{k}" for k in ("fraction", "size") if k not in crop]
+    missing += [f"params.crop.{k}" for k in ("fraction", "pixels") if k not in crop]
     if missing:
         raise PredictError(f"{where} does not record {', '.join(missing)}: it was not written by this project's "
                            "train stage (or by an older version of it); train it again (`dvc repro train`)")
-    return float(crop["fraction"]), int(crop["size"]), int(saved["input_size"])
+    return float(crop["fraction"]), int(crop["pixels"]), int(saved["input_size"])
 
 
 def load_model(model: str, device: str) -> Predictor:

@@ -19,7 +19,7 @@ DEMO = {
     "data.synthetic.images": 3000,
     "data.synthetic.image_size": 128,
     "data.synthetic.min_positives_per_label": 150,
-    "crop.size": 64,
+    "crop.pixels": 64,
     "split.fraction": 1.0,
     "model.backbone": "resnet18",
     "model.pretrained": "none",

@@ -49,7 +49,7 @@ SLOTS_PER_DECODER = 2
 @dataclass
 class CropConfig:
     fraction: float
-    size: int
+    pixels: int
     workers: int
     skip_unreadable: bool
 
@@ -58,7 +58,7 @@ def check(params: dict) -> CropConfig:
     section = P.section(params, "crop")
     config = CropConfig(
         fraction=section.number("fraction", low=0, high=1, low_open=True),
-        size=section.number("size", low=8, integer=True),
+        pixels=section.number("pixels", low=8, integer=True),
         workers=section.number("workers", low=0, integer=True),
         skip_unreadable=section.boolean("skip_unreadable"),
     )
@@ -294,7 +294,7 @@ def check_space(path: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise P.StageError(f"{path} needs {needed:,} bytes and {folder} has {free:,} free: free some space "
-                           "(or set crop.size smaller)")
+                           "(or set crop.pixels smaller)")
 
 
 def main(params_path: str = P.PARAMS_FILE, raw: Path = Path("data/raw"), filtered: Path = Path("data/filter"),
@@ -306,14 +306,14 @@ def main(params_path: str = P.PARAMS_FILE, raw: Path = Path("data/raw"), filtere
     # No more decoders than batches (a small data set); readers: one per archive.
     workers = max(1, min(config.workers or os.cpu_count() or 1, math.ceil(len(index) / BATCH_IMAGES)))
     target = out / packed_images.IMAGES_FILE
-    check_space(target, packed_images.nbytes(len(index), config.size))
+    check_space(target, packed_images.nbytes(len(index), config.pixels))
     with atomic_path(target) as tmp:
         try:
-            packed_images.create(tmp, len(index), config.size).flush()
-            seen, failed = crop_sources(sources, rows, tmp, config.fraction, config.size, workers, progress.items())
+            packed_images.create(tmp, len(index), config.pixels).flush()
+            seen, failed = crop_sources(sources, rows, tmp, config.fraction, config.pixels, workers, progress.items())
         except OSError as error:  # a full or read-only disk, here or in a worker
             raise P.StageError(f"writing {tmp}: {error.strerror or error} (the packed array needs "
-                               f"{packed_images.nbytes(len(index), config.size):,} bytes)") from None
+                               f"{packed_images.nbytes(len(index), config.pixels):,} bytes)") from None
         twice = sorted(name for name, count in seen.items() if count > 1)
         if twice:  # which copy would win depends on worker timing: never guess
             raise P.StageError(f"{len(twice)} images are in more than one source listed in {raw / 'sources.csv'}, "
@@ -328,9 +328,9 @@ def main(params_path: str = P.PARAMS_FILE, raw: Path = Path("data/raw"), filtere
                                "Set crop.skip_unreadable: true to skip them (the count is recorded).")
     kept = index.assign(row=np.arange(len(index)))[~index["image"].isin(failed)]
     write_csv(out / "index.csv", kept.reset_index(drop=True))
-    write_json(metrics, {"images": len(kept), "skipped_unreadable": len(failed), "size": config.size,
+    write_json(metrics, {"images": len(kept), "skipped_unreadable": len(failed), "pixels": config.pixels,
                          "fraction": config.fraction, "skipped_examples": sorted(failed)[:10]})
-    print(f"crop: {len(kept)} images at {config.size}px (center {config.fraction:.0%}); "
+    print(f"crop: {len(kept)} images at {config.pixels}px (center {config.fraction:.0%}); "
           f"{len(failed)} unreadable skipped")
 
 

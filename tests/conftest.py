@@ -28,7 +28,7 @@ TEST_SCALE = {
     "data.synthetic.image_size": 64,
     "data.synthetic.min_positives_per_label": 12,
     "data.synthetic.max_images_per_patient": 10,
-    "crop.size": 32,
+    "crop.pixels": 32,
     "crop.workers": 2,
     "split.method": "patient",
     "split.sizes": [0.6, 0.2, 0.2],

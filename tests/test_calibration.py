@@ -101,7 +101,7 @@ def evaluated(tiny_pipeline, tmp_path_factory):
         params = write_params(folder, {"evaluate": {"bootstrap": 0, "calibration_bins": 5}})
         loaded = P.load(params)
         task, model_config, config = train.check(loaded)
-        size = models.input_size(model_config, loaded["crop"]["size"])
+        size = models.input_size(model_config, loaded["crop"]["pixels"])
         torch.manual_seed(0)
         net = models.create_model(model_config, len(task.names), size)
         train.save_model(loaded, task, model_config, config, size, folder / "data/train/model.pt", net.state_dict(), 1)

@@ -170,7 +170,7 @@ def test_temporary_files_of_live_writers_are_left_alone(tmp_path):
 
 
 def test_crop_stops_before_any_work_when_the_disk_cannot_hold_the_array(pipeline, monkeypatch):
-    params = write_params(pipeline, {"crop": {"size": 48}})
+    params = write_params(pipeline, {"crop": {"pixels": 48}})
     before = (pipeline / "data/crop/images.npy").stat().st_mtime_ns
     monkeypatch.setattr(crop.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(crop.P.StageError) as caught:

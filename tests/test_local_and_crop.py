@@ -134,7 +134,7 @@ def test_skip_unreadable_skips_and_counts(project, nih_copy):
 
 def test_crop_rows_hold_the_images_of_the_index(project, nih_copy):
     index, images = run_to_crop(project, {"data": {"source": "local", "local_dir": str(nih_copy)},
-                                          "crop": {"fraction": 1.0, "size": 64}})
+                                          "crop": {"fraction": 1.0, "pixels": 64}})
     originals = {}
     for archive in nih_copy.glob("*.tar.gz"):
         originals.update({name: to_gray(Image.open(io.BytesIO(data))) for name, data in iter_archive(archive)})

@@ -35,8 +35,8 @@ def test_crop_fraction_must_be_in_zero_one(project, fraction):
 
 
 def test_negative_size_is_refused(project):
-    error = error_of(crop, project, {"crop": {"size": -224}})
-    assert error.key == "crop.size" and "integer >= 8" in str(error)
+    error = error_of(crop, project, {"crop": {"pixels": -224}})
+    assert error.key == "crop.pixels" and "integer >= 8" in str(error)
 
 
 def test_unknown_label_in_resample_targets(project):
@@ -76,14 +76,14 @@ def test_class_weight_for_a_label_the_task_does_not_predict(project):
 
 
 def test_stage_stops_before_any_work(project):
-    write_params(project, {"crop": {"size": 0}})
+    write_params(project, {"crop": {"pixels": 0}})
     from typer.testing import CliRunner
 
     from stages.cli import app
 
     result = CliRunner().invoke(app, ["crop"])
     assert result.exit_code == 2
-    assert "crop.size = 0" in result.output
+    assert "crop.pixels = 0" in result.output
     assert not (project / "data" / "crop").exists()
 
 

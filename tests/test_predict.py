@@ -25,7 +25,7 @@ FRACTION, CROP, INPUT = 0.5, 24, 32  # a model trained on 50% center crops packe
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     """A small untrained network saved the way the train stage saves its best model."""
-    params = params_with({"crop": {"fraction": FRACTION, "size": CROP}, "model": {"input_size": INPUT}})
+    params = params_with({"crop": {"fraction": FRACTION, "pixels": CROP}, "model": {"input_size": INPUT}})
     task, model_config, config = train.check(params)
     torch.manual_seed(0)
     net = models.create_model(model_config, len(task.names), INPUT)
@@ -219,7 +219,7 @@ def test_a_model_file_without_its_preparation_is_refused_clearly(model_file, tmp
     saved = torch.load(model_file, weights_only=False)
     del saved["params"]["crop"]
     torch.save(saved, tmp_path / "old.pt")
-    with pytest.raises(P.PredictError, match="does not record params.crop.fraction, params.crop.size"):
+    with pytest.raises(P.PredictError, match="does not record params.crop.fraction, params.crop.pixels"):
         P.load_model(str(tmp_path / "old.pt"), "cpu")
 
 

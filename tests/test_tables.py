@@ -61,7 +61,7 @@ def test_markdown_puts_the_reports_figure_beside_each_new_one():
 
 
 SMOKE = ["data.synthetic.images=300", "data.synthetic.image_size=64", "data.synthetic.min_positives_per_label=10",
-         "crop.size=32", "train.epochs=2", "train.switch.epoch=1", "evaluate.bootstrap=20"]
+         "crop.pixels=32", "train.epochs=2", "train.switch.epoch=1", "evaluate.bootstrap=20"]
 
 
 def cxr(folder, *args, check=True, env=None):
@@ -203,7 +203,7 @@ def test_overrides_set_params_yaml_as_dvc_applies_them(tmp_path):
     from experiments.demo import overrides
 
     params = load(REPO / "params.yaml")
-    wanted = {"resample.targets.Hernia": 2500, "resample.targets.No Finding": 30000, "crop.size": 224,
+    wanted = {"resample.targets.Hernia": 2500, "resample.targets.No Finding": 30000, "crop.pixels": 224,
               "model.head.hidden": [256, 50], "train.early_stopping_patience": None}
     items = overrides(wanted, params)
     assert "++resample.targets={Hernia:2500,No Finding:30000}" in items
@@ -309,5 +309,5 @@ def test_show_why_prints_each_columns_provenance(monkeypatch, tmp_path):
     done = CliRunner().invoke(app, ["table", "show", "head_14", "--why"])
     assert done.exit_code == 0, done.output
     assert "model.head.dropout = 0.2    # 'Dropout(0.2)+ Dense(256 ...)" in done.output
-    assert "crop.size = 224    # the Dropout(0.2) column is preprocessing's '10% 224 NoCrop RemoveBlack' run" in done.output
+    assert "crop.pixels = 224    # the Dropout(0.2) column is preprocessing's '10% 224 NoCrop RemoveBlack' run" in done.output
     assert "note: Backbone, optimizer, epochs: not stated: params.yaml's." in done.output
