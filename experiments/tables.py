@@ -127,7 +127,7 @@ def _resolve(tables: dict[str, Table], where: str, target: str) -> tuple[Table, 
 def settings(table: Table, column: Column, demo: bool = False, extra: dict | None = None) -> dict[str, Any]:
     """The -S overrides of one column, later ones winning: the table's, the demo's (the table's shared
     settings shrink to smoke scale), the column's own (what the table compares), the demo's data scale
-    (split.fraction; image counts made smoke_sizes), the column's demo, the user's. A column that is the
+    (split.fraction; image counts: SMOKE_FRACTIONS, or NIH's lists under official), the column's demo, the user's. A column that is the
     same run as another (same_run_as) starts from that one's settings: its table's as shared, its column's
     as its own."""
     reused_table, reused = column.reuses or (None, None)
@@ -137,17 +137,13 @@ def settings(table: Table, column: Column, demo: bool = False, extra: dict | Non
     merged.update({**(reused.set if reused else {}), **column.set})
     if demo:
         merged["split.fraction"] = demo_settings.DEMO["split.fraction"]
-        if merged.get("split.sizes") is not None:
-            merged["split.sizes"] = smoke_sizes(merged.get("split.method"))
+        if merged.get("split.official.sizes") is not None:  # image counts: NIH's lists as they are
+            merged["split.official.sizes"] = None
+        if merged.get("split.random.sizes") is not None:
+            merged["split.random.sizes"] = demo_settings.SMOKE_FRACTIONS
         merged.update({**(reused.demo if reused else {}), **column.demo})
     merged.update(extra or {})
     return merged
-
-
-def smoke_sizes(method: str | None) -> list[float] | None:
-    """What a table's split sizes become on the demo's ~3,000 images, for its split method (params.yaml's if unset)."""
-    method = method or P.load()["split"]["method"]
-    return None if method == "official" else demo_settings.SMOKE_FRACTIONS
 
 
 def provenance(table: Table) -> str:

@@ -45,6 +45,7 @@ from cxr14.stage import worker_process
 RAW = Path("data/raw")
 STORE = Path("data/.download")  # NIH's archives as fetched, partial or verified: outside every DVC output
 SOURCES = ("nih", "local", "synthetic")
+LOCAL_NOTE = "LOCAL_SOURCE.txt"  # in data/raw/archives when data.source is local
 FEW_POSITIVES = 10  # fewer positive images of a label than this: its AUROC is undefined or noise (a warning, not a setting)
 
 
@@ -352,6 +353,14 @@ def read_local(config: DataConfig, metadata: pd.DataFrame, directory: Path) -> t
     return found, sources, len(set(places) - set(metadata["image"]))
 
 
+def write_local_note(directory: Path, local_dir: str) -> None:
+    """data/raw/archives is an output of every source (crop depends on it); a local copy is read in place,
+    so for it the folder holds this note, not archives (an empty folder would not survive DVC's checkout)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / LOCAL_NOTE).write_text(f"data.source local: the images are read in place from {local_dir} "
+                                        f"({RAW / 'sources.csv'} lists where each is); no archive is copied here.\n")
+
+
 def _none_listed_hint(config: DataConfig) -> str:
     if config.metadata:
         return (f"{config.metadata} (data.metadata): its Image Index column must hold the PNG file names, "
@@ -388,6 +397,7 @@ def main(params_path: str = P.PARAMS_FILE, out: Path = RAW, metrics: Path = Path
     archives_dir = out / "archives"
     unlisted = 0
     try:
+        (archives_dir / LOCAL_NOTE).unlink(missing_ok=True)  # an earlier local run's, outside DVC
         if config.source == "synthetic":
             found, box_list = make_synthetic(config, archives_dir, metadata)
             sources = pd.DataFrame({"kind": "tar", "path": sorted(str(p) for p in archives_dir.glob("*.tar.gz")),
@@ -396,6 +406,7 @@ def main(params_path: str = P.PARAMS_FILE, out: Path = RAW, metrics: Path = Path
             found, sources = read_nih(config, metadata, archives_dir)
         else:
             found, sources, unlisted = read_local(config, metadata, archives_dir)
+            write_local_note(archives_dir, config.local_dir)
         if config.source != "synthetic":  # NIH's radiologists' boxes of the images found
             box_list = boxes.read(boxes.REFERENCE)
             box_list = box_list[box_list["image"].isin(set(found["image"]))]

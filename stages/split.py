@@ -3,7 +3,7 @@
 - `random`: image level, as the report did (patients leak across parts; the metrics say by how much).
 - `patient`: grouped by patient (the default), optionally stratified by each patient's rarest label.
 - `official`: NIH's train_val / test lists, with a patient-grouped validation part carved out of
-  train_val; with image counts in `split.sizes`, each part is exactly that many images, drawn by
+  train_val; with image counts in `split.official.sizes`, each part is exactly that many images, drawn by
   patient within its list (the report's findings-only table: 32,400 / 3,620 / 15,731).
 `split.drop_no_finding` first drops the images labelled only No Finding; `split.fraction` then keeps a
 patient-grouped subset (the report's 10% runs).
@@ -39,31 +39,30 @@ class SplitConfig:
     seed: int
 
 
+# What each method's sizes may be: every method has its own `split.<method>.sizes`, so that switching
+# split.method alone (`-S split.method=patient`) never leaves another method's sizes behind.
+VALID_SIZES = {
+    "official": "null (NIH's lists as they are, validation by split.official.val_fraction) or three image counts "
+                "such as [32400, 3620, 15731]",
+    "patient": "three fractions that sum to 1, such as [0.7, 0.1, 0.2]",
+    "random": "three fractions that sum to 1, such as [0.7, 0.1, 0.2], or three image counts such as "
+              "[76200, 9478, 25250]",
+}
+
+
 def check(params: dict) -> SplitConfig:
     section = P.section(params, "split")
     method = section.choice("method", METHODS)
-    sizes = section.get("sizes")
-    valid = {"official": "null (NIH's lists as they are, validation by split.val_fraction) or three image counts "
-                         "such as [32400, 3620, 15731]",
-             "patient": "three fractions that sum to 1, such as [0.7, 0.1, 0.2]"}.get(
-        method, "three fractions that sum to 1, such as [0.7, 0.1, 0.2], or three image counts such as [76200, 9478, 25250]")
-    if sizes is None and method == "official":  # NIH's lists as they are; validation: split.val_fraction
-        return _config(section, params, method, None, False)
-    numbers = isinstance(sizes, list) and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sizes)
-    if not numbers or len(sizes) != 3 or any(s < 0 for s in sizes):
-        raise P.ParamError("split.sizes", sizes, valid)
-    counts = all(isinstance(s, int) for s in sizes) and sum(sizes) > 1
-    if not counts and abs(sum(sizes) - 1) > 1e-6:
-        raise P.ParamError("split.sizes", sizes, valid)
-    if (counts and method == "patient") or (not counts and method == "official"):  # never silently ignored
-        raise P.ParamError("split.sizes", sizes, f"{valid} for split.method {method}")
-    return _config(section, params, method, sizes, counts)
-
-
-def _config(section: P.Section, params: dict, method: str, sizes: list | None, counts: bool) -> SplitConfig:
+    methods = {name: section.section(name) for name in METHODS}  # all three are checked: a typo anywhere is found
+    read = {name: _sizes(part, name) for name, part in methods.items()}
+    val_fraction = methods["official"].number("val_fraction", low=0, high=1, low_open=True)
+    if val_fraction >= 1:  # all of train_val for validation leaves nothing to train on
+        raise P.ParamError("split.official.val_fraction", val_fraction, "a number > 0 and < 1")
+    for part in methods.values():
+        part.finish()
+    sizes, counts = read[method]
     config = SplitConfig(
-        method=method, sizes=sizes, counts=counts,
-        val_fraction=section.number("val_fraction", low=0, high=1, low_open=True),
+        method=method, sizes=sizes, counts=counts, val_fraction=val_fraction,
         drop_no_finding=section.boolean("drop_no_finding"),
         fraction=section.number("fraction", low=0, high=1, low_open=True),
         stratify=section.boolean("stratify"),
@@ -71,6 +70,21 @@ def _config(section: P.Section, params: dict, method: str, sizes: list | None, c
     )
     section.finish()
     return config
+
+
+def _sizes(section: P.Section, method: str) -> tuple[list | None, bool]:
+    """split.<method>.sizes: (the sizes, whether they are image counts)."""
+    sizes, key, valid = section.get("sizes"), section.key("sizes"), VALID_SIZES[method]
+    if sizes is None and method == "official":
+        return None, False
+    numbers = isinstance(sizes, list) and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sizes)
+    if not numbers or len(sizes) != 3 or any(s < 0 for s in sizes):
+        raise P.ParamError(key, sizes, valid)
+    counts = all(isinstance(s, int) for s in sizes) and sum(sizes) > 1
+    if (not counts and abs(sum(sizes) - 1) > 1e-6) or (counts and method == "patient") \
+            or (not counts and method == "official"):  # never silently ignored
+        raise P.ParamError(key, sizes, valid)
+    return sizes, counts
 
 
 def patient_strata(index: pd.DataFrame) -> pd.Series:
@@ -115,7 +129,7 @@ def draw_exact(patients: pd.Series, count: int, rng: np.random.Generator, part: 
     skipping any that would overshoot: one-image patients, plentiful in NIH, close the gap."""
     total = int(patients.sum())
     if count > total:
-        raise P.ParamError("split.sizes", count, f"at most the {total} images there are for the {part} part")
+        raise P.ParamError("split.official.sizes", count, f"at most the {total} images there are for the {part} part")
     take = count <= total - count
     need = count if take else total - count
     order = rng.permutation(np.sort(patients.index.to_numpy()))
@@ -127,7 +141,7 @@ def draw_exact(patients: pd.Series, count: int, rng: np.random.Generator, part: 
             chosen.append(pid)
             need -= int(patients[pid])
     if need:
-        raise P.ParamError("split.sizes", count, f"a count that whole patients can make up for the {part} part "
+        raise P.ParamError("split.official.sizes", count, f"a count that whole patients can make up for the {part} part "
                            f"(the closest reached: {count - need if take else count + need})")
     return np.asarray(chosen if take else sorted(set(order) - set(chosen)))
 
@@ -154,7 +168,7 @@ def split(index: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
         order = rng.permutation(len(index))
         if config.counts:
             if sum(config.sizes) > len(index):
-                raise P.ParamError("split.sizes", config.sizes,
+                raise P.ParamError("split.random.sizes", config.sizes,
                                    f"image counts that add up to at most the {len(index)} images there are")
             cuts = np.cumsum(config.sizes)
         else:
@@ -177,8 +191,8 @@ def split(index: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
     parts = {name: index[part == i].reset_index(drop=True) for i, name in enumerate(PARTS)}
     empty = [name for name, rows in parts.items() if rows.empty]
     if empty:  # found here, not later in train or evaluate
-        key, value = ("split.val_fraction", config.val_fraction) if config.method == "official" and not config.counts \
-            and empty == ["val"] else ("split.sizes", config.sizes)
+        key, value = ("split.official.val_fraction", config.val_fraction) if config.method == "official" \
+            and not config.counts and empty == ["val"] else (f"split.{config.method}.sizes", config.sizes)
         raise P.ParamError(key, value, f"settings that leave images in every part: the {' and '.join(empty)} part "
                            f"of {len(index)} images ({config.method} split) would be empty")
     return parts

@@ -31,7 +31,7 @@ TEST_SCALE = {
     "crop.pixels": 32,
     "crop.workers": 2,
     "split.method": "patient",
-    "split.sizes": [0.6, 0.2, 0.2],
+    "split.patient.sizes": [0.6, 0.2, 0.2],
     "train.epochs": 2,
     "evaluate.bootstrap": 50,
 }

@@ -278,7 +278,8 @@ def effusion_model(tmp_path_factory):
     try:
         params = write_params(folder, {
             "data.synthetic.images": 800, "data.synthetic.image_size": 96, "data.synthetic.min_positives_per_label": 100,
-            "crop.pixels": 64, "split.sizes": [0.5, 0.1, 0.4], "task.kind": "binary", "task.target": "Effusion",
+            "crop.pixels": 64, "split.method": "patient", "split.patient.sizes": [0.5, 0.1, 0.4], "task.kind": "binary",
+            "task.target": "Effusion",
             "train.epochs": 12})
         for stage in (download, filter, crop, split, resample, train):
             stage.main(params)

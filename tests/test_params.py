@@ -8,7 +8,7 @@ import pytest
 from cxr14.params import ParamError, load
 from stages import crop, download, evaluate, filter, localize, resample, split, train, weights
 
-from .conftest import REPO, write_params
+from .conftest import REPO, params_with, write_params
 
 
 def error_of(stage, project, changes) -> ParamError:
@@ -56,14 +56,27 @@ def test_a_misspelt_key_is_an_error_not_a_silent_default(project):
 
 def test_fractions_are_no_official_split_setting(project):
     """Under official the test part is NIH's list: fractions would be silently ignored, so they are refused."""
-    error = error_of(split, project, {"split": {"method": "official", "sizes": [0.8, 0.1, 0.1]}})
-    assert error.key == "split.sizes" and "val_fraction" in str(error)
-    assert split.check(load(write_params(project, {"split": {"method": "official", "sizes": None}}))).sizes is None
+    error = error_of(split, project, {"split": {"method": "official", "official": {"sizes": [0.8, 0.1, 0.1]}}})
+    assert error.key == "split.official.sizes" and "val_fraction" in str(error)
+    assert split.check(load(write_params(project, {"split": {"method": "official", "official": {"sizes": None}}}))).sizes is None
 
 
 def test_split_sizes_must_be_fractions_or_counts(project):
-    assert error_of(split, project, {"split": {"sizes": [0.5, 0.2, 0.2]}}).key == "split.sizes"
-    assert error_of(split, project, {"split": {"method": "patient", "sizes": [700, 100, 200]}}).key == "split.sizes"
+    assert error_of(split, project, {"split": {"random": {"sizes": [0.5, 0.2, 0.2]}}}).key == "split.random.sizes"
+    assert error_of(split, project, {"split": {"patient": {"sizes": [700, 100, 200]}}}).key == "split.patient.sizes"
+
+
+def test_each_split_method_has_its_own_sizes_so_switching_the_method_alone_works(project):
+    """`-S split.method=patient` alone: the official method's null sizes are not read as the patient split's."""
+    config = split.check(load(write_params(project, {"split": {"method": "patient", "official": {"sizes": None}}})))
+    assert config.method == "patient" and config.sizes == params_with()["split"]["patient"]["sizes"]
+    config = split.check(load(write_params(project, {"split": {"method": "random"}})))
+    assert config.sizes == params_with()["split"]["random"]["sizes"]
+
+
+def test_all_of_train_val_for_validation_is_refused_as_val_fraction(project):
+    error = error_of(split, project, {"split": {"method": "official", "official": {"val_fraction": 1}}})
+    assert error.key == "split.official.val_fraction" and "< 1" in str(error)
 
 
 def test_filter_views_must_be_known(project):
@@ -156,8 +169,8 @@ def test_split_sizes_that_leave_a_part_empty_name_the_key(tiny_pipeline, project
 
     index = read_csv(tiny_pipeline / "data/crop/index.csv")
     with pytest.raises(ParamError) as caught:
-        split.split(index, split.check(load(write_params(project, {"split": {"method": "random", "sizes": [0.9, 0.1, 0.0]}}))))
-    assert caught.value.key == "split.sizes" and "the test part" in str(caught.value)
+        split.split(index, split.check(load(write_params(project, {"split": {"method": "random", "random": {"sizes": [0.9, 0.1, 0.0]}}}))))
+    assert caught.value.key == "split.random.sizes" and "the test part" in str(caught.value)
 
 
 def test_cxr_check_names_a_bad_value_of_any_section_before_any_work(project):

@@ -30,7 +30,7 @@ def patients_in_several(parts):
 
 
 def test_patient_split_has_no_patient_in_two_parts(project, index):
-    parts = run_split(project, index, {"method": "patient", "sizes": [0.7, 0.1, 0.2]})
+    parts = run_split(project, index, {"method": "patient", "patient": {"sizes": [0.7, 0.1, 0.2]}})
     assert patients_in_several(parts) == 0
     assert sum(len(p) for p in parts.values()) == len(index)
     share = len(parts["test"]["patient_id"].unique()) / index["patient_id"].nunique()
@@ -38,18 +38,18 @@ def test_patient_split_has_no_patient_in_two_parts(project, index):
 
 
 def test_random_split_takes_image_counts_and_reports_the_leak(project, index):
-    parts = run_split(project, index, {"method": "random", "sizes": [2000, 500, 1000]})
+    parts = run_split(project, index, {"method": "random", "random": {"sizes": [2000, 500, 1000]}})
     assert [len(parts[p]) for p in split.PARTS] == [2000, 500, 1000]
     assert patients_in_several(parts) > 50  # image-level splits leak patients, as the report's did
 
 
 def test_random_split_counts_beyond_the_data_are_refused(project, index):
     with pytest.raises(ParamError, match="at most the"):
-        run_split(project, index, {"method": "random", "sizes": [5000, 1000, 1000]})
+        run_split(project, index, {"method": "random", "random": {"sizes": [5000, 1000, 1000]}})
 
 
 def test_official_split_keeps_nih_test_list_and_carves_validation_by_patient(project, index):
-    parts = run_split(project, index, {"method": "official", "sizes": None, "val_fraction": 0.15})
+    parts = run_split(project, index, {"method": "official", "official": {"sizes": None, "val_fraction": 0.15}})
     official = metadata.read_official_split()
     assert set(parts["test"]["image"]) == set(index["image"]) & official["test"]
     assert set(parts["train"]["image"]) | set(parts["val"]["image"]) == set(index["image"]) & official["train_val"]
@@ -61,7 +61,7 @@ def test_official_split_takes_exact_counts_by_patient_within_each_list(project, 
     official = metadata.read_official_split()
     in_test = index["image"].isin(official["test"])
     sizes = [int((~in_test).sum()) - 700, 600, int(in_test.sum()) - 3]  # nearly all: the hard case for whole patients
-    parts = run_split(project, index, {"method": "official", "sizes": sizes})
+    parts = run_split(project, index, {"method": "official", "official": {"sizes": sizes}})
     assert [len(parts[p]) for p in split.PARTS] == sizes
     assert set(parts["test"]["image"]) <= official["test"]
     assert set(parts["train"]["image"]) | set(parts["val"]["image"]) <= official["train_val"]
@@ -73,12 +73,12 @@ def test_official_split_takes_exact_counts_by_patient_within_each_list(project, 
 
 def test_official_counts_beyond_a_list_name_the_key(project, index):
     with pytest.raises(ParamError) as caught:
-        run_split(project, index, {"method": "official", "sizes": [100, 100, len(index)]})
-    assert caught.value.key == "split.sizes" and "for the test part" in str(caught.value)
+        run_split(project, index, {"method": "official", "official": {"sizes": [100, 100, len(index)]}})
+    assert caught.value.key == "split.official.sizes" and "for the test part" in str(caught.value)
 
 
 def test_no_finding_images_can_be_dropped_before_splitting(project, index):
-    parts = run_split(project, index, {"method": "official", "sizes": None, "drop_no_finding": True})
+    parts = run_split(project, index, {"method": "official", "official": {"sizes": None}, "drop_no_finding": True})
     kept = pd.concat(parts.values())
     assert not (kept["labels"] == labels.NO_FINDING).any()
     assert len(kept) == (index["labels"] != labels.NO_FINDING).sum()

@@ -258,10 +258,10 @@ def test_a_column_declared_the_same_run_runs_the_same_params(table, column):
 def test_the_demo_shrinks_image_counts_even_where_a_column_sets_them():
     table = CATALOG["findings_only_vs_15"]
     column = next(c for c in table.columns if c.name == "findings-only-14")
-    assert tables.settings(table, column)["split.sizes"] == [32400, 3620, 15731]
-    assert tables.settings(table, column, demo=True)["split.sizes"] is None  # official: NIH's lists as they are
+    assert tables.settings(table, column)["split.official.sizes"] == [32400, 3620, 15731]
+    assert tables.settings(table, column, demo=True)["split.official.sizes"] is None  # NIH's lists as they are
     benchmark = CATALOG["benchmark_15"]
-    assert tables.settings(benchmark, benchmark.columns[0], demo=True)["split.sizes"] == demo_settings.SMOKE_FRACTIONS
+    assert tables.settings(benchmark, benchmark.columns[0], demo=True)["split.random.sizes"] == demo_settings.SMOKE_FRACTIONS
 
 
 def test_the_fifteen_label_dense_heads_have_no_dropout():

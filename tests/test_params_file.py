@@ -1,0 +1,57 @@
+"""params.yaml survives DVC: `dvc exp run -S` rewrites it through a YAML round trip (ruamel, in
+dvc.utils.hydra.apply_overrides), which misplaces a comment after a value. Every override that the demo
+and the tables apply goes, through DVC's own code, onto a params.yaml already rewritten by a first
+workspace experiment, and the result loads with the values asked for."""
+
+import shutil
+
+import pytest
+from dvc.utils.hydra import apply_overrides
+
+from cxr14 import params as P
+from experiments import demo, tables
+
+from .conftest import REPO
+
+# The first workspace experiment a user runs (README: the small run on the synthetic set)
+FIRST = {"data.source": "synthetic", "data.synthetic.image_size": 128, "crop.pixels": 64, "model.pretrained": "none"}
+
+
+def override_sets() -> list[tuple[str, dict]]:
+    sets = [("demo", demo.DEMO), ("chexnet-ablation", {"model.backbone": "densenet121", "model.head.hidden": []})]
+    for table in tables.load().values():
+        for column in table.columns:
+            if not column.reference:
+                sets.append((f"{table.name}-{column.name}", tables.settings(table, column)))
+                sets.append((f"{table.name}-{column.name}-demo", tables.settings(table, column, demo=True)))
+    return sets
+
+
+def lookup(params: dict, key: str):
+    node = params
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def dvc_set(path, settings: dict) -> dict:
+    """What `dvc exp run -S ...` does to params.yaml before it runs anything, then the file as the stages read it."""
+    apply_overrides(str(path), demo.overrides(settings, P.load(path)))
+    return P.load(path)
+
+
+@pytest.mark.parametrize("name, settings", override_sets(), ids=[name for name, _ in override_sets()])
+def test_params_yaml_stays_valid_through_dvcs_rewrites(tmp_path, name, settings):
+    path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", path)
+    dvc_set(path, FIRST)
+    loaded = dvc_set(path, settings)
+    for key, value in settings.items():
+        assert lookup(loaded, key) == value, key
+
+
+def test_comments_stay_on_their_own_lines():
+    """A comment after a value is what DVC's round trip moves onto the next key's line."""
+    for number, line in enumerate((REPO / "params.yaml").read_text().splitlines(), 1):
+        code = line.split("#", 1)[0]
+        assert "#" not in line or not code.strip(), f"params.yaml line {number}: put the comment on its own line above"
