@@ -127,9 +127,9 @@ def _resolve(tables: dict[str, Table], where: str, target: str) -> tuple[Table, 
 def settings(table: Table, column: Column, demo: bool = False, extra: dict | None = None) -> dict[str, Any]:
     """The -S overrides of one column, later ones winning: the table's, the demo's (the table's shared
     settings shrink to smoke scale), the column's own (what the table compares), the demo's data scale
-    (split.fraction; image counts: SMOKE_FRACTIONS, or NIH's lists under official), the column's demo, the user's. A column that is the
-    same run as another (same_run_as) starts from that one's settings: its table's as shared, its column's
-    as its own."""
+    (split.fraction; image counts: SMOKE_FRACTIONS, or NIH's lists under official), the column's demo, the
+    user's. A column that is the same run as another (same_run_as) starts from that one's settings: its
+    table's as shared, its column's as its own."""
     reused_table, reused = column.reuses or (None, None)
     merged = {**(reused_table.set if reused_table else {}), **table.set}
     if demo:
