@@ -169,7 +169,8 @@ def test_split_sizes_that_leave_a_part_empty_name_the_key(tiny_pipeline, project
 
     index = read_csv(tiny_pipeline / "data/crop/index.csv")
     with pytest.raises(ParamError) as caught:
-        split.split(index, split.check(load(write_params(project, {"split": {"method": "random", "random": {"sizes": [0.9, 0.1, 0.0]}}}))))
+        settings = {"split": {"method": "random", "random": {"sizes": [0.9, 0.1, 0.0]}}}
+        split.split(index, split.check(load(write_params(project, settings))))
     assert caught.value.key == "split.random.sizes" and "the test part" in str(caught.value)
 
 
