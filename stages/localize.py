@@ -10,7 +10,7 @@ the same pipeline, is the baseline beside it. Test images without boxes are skip
 findings the model does not predict (a binary task's other findings).
 
 Outputs: metrics/localize.json (per finding and averaged over findings; Wang et al.'s figures beside),
-plots/localize/ (a gallery of overlays: the image, the heatmap, the true boxes in green and the heatmap's
+plots/localize/ (gallery.json and images/*.png, a gallery of overlays: the image, the heatmap, the true boxes in green and the heatmap's
 boxes in red; the best, a typical and the worst image of each finding by IoU).
 """
 
@@ -35,6 +35,7 @@ from cxr14.runtime import DEVICES, decide
 
 NIH_SIDE = 1024  # NIH's PNGs, and the coordinates of its box list, are 1024 x 1024 pixels
 KINDS = ("best", "typical", "worst")
+GALLERY_IMAGES = "images"  # plots/localize/images/*.png: an image plot in dvc.yaml
 
 
 @dataclass
@@ -249,24 +250,27 @@ def draw(image: np.ndarray, heatmap: np.ndarray, point, true: np.ndarray, predic
 def write_gallery(folder: Path, picks: list[tuple[str, str, int]], grid_maps: np.ndarray, maps: np.ndarray,
                   pairs: pd.DataFrame, images, truth: pd.DataFrame, scores: pd.DataFrame, crop: L.Crop,
                   config: LocalizeConfig) -> list[dict]:
-    """The picked pairs' overlays as PNGs (their heatmaps at their grid and upsampled, in the order of `picks`),
-    and gallery.json listing them."""
-    if folder.exists():
-        for old in folder.glob("*.png"):
+    """The picked pairs' overlays as PNGs in folder/images (their heatmaps at their grid and upsampled, in the
+    order of `picks`), and gallery.json listing them. A file is named by finding, kind and number, not by the
+    image, so that `dvc plots diff` shows two experiments' overlays side by side (dvc.yaml's image plot)."""
+    pictures = folder / GALLERY_IMAGES
+    if pictures.exists():
+        for old in pictures.glob("*.png"):
             old.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
+    pictures.mkdir(parents=True, exist_ok=True)
     grouped = boxes_by_pair(truth)
     scale = max(1, 256 // images.shape[-1])
     listed = []
-    for rank, ((label, kind, pair), grid_map, heatmap) in enumerate(zip(picks, grid_maps, maps)):
+    for (label, kind, pair), grid_map, heatmap in zip(picks, grid_maps, maps):
         row = pairs.iloc[pair]
         true = crop.to_packed(grouped[(row.image, label)])
         predicted = L.heatmap_boxes(heatmap, config.thresholds)
         mine = scores[scores["pair"] == pair]
-        entry = {"file": f"{label}_{kind}_{rank:03d}_{Path(row.image).stem}.png", "image": row.image, "finding": label,
+        number = sum(e["finding"] == label and e["kind"] == kind for e in listed) + 1
+        entry = {"file": f"{GALLERY_IMAGES}/{label}_{kind}_{number}.png", "image": row.image, "finding": label,
                  "kind": kind, "iou": float(mine["iou"].max()), "iobb": float(mine["iobb"].max()),
                  "pointing": bool(mine["pointing"].any())}
-        caption = f"{label} ({kind}): IoU {entry['iou']:.2f}, IoBB {entry['iobb']:.2f}"
+        caption = f"{label} ({kind}) {Path(row.image).stem}: IoU {entry['iou']:.2f}, IoBB {entry['iobb']:.2f}"
         with atomic_path(folder / entry["file"]) as tmp:
             draw(images[row.row], heatmap, pointer(grid_map, heatmap.shape[-1]), true, predicted, caption,
                  scale).save(tmp, format="PNG")

@@ -264,7 +264,7 @@ def test_a_split_without_boxed_test_images_gives_empty_metrics(tiny_model, tmp_p
     assert result["boxes_scored"] == 0 and result["test_images_with_boxes"] == 0
     assert result["model"] == {} and result["random"] == {} and "no test image has a box" in result["note"]
     assert json.loads((out / "gallery/gallery.json").read_text())["images"] == []
-    assert not list((out / "gallery").glob("*.png"))  # an earlier run's overlays are gone
+    assert not list((out / "gallery").rglob("*.png"))  # an earlier run's overlays are gone
 
 
 @pytest.fixture(scope="module")
