@@ -185,6 +185,9 @@ def table_rows(result: dict, findings: list[str]) -> list[list[str]]:
     return rows
 
 
+MEANINGFUL_GRID = 7  # heatmap cells a side below which the localization table is not printed (DenseNet at 224 px: 7)
+
+
 def print_table(result: dict, findings: list[str], title: str = "localization") -> None:
     """metrics/localize.json as a table (see table_rows); or its note when nothing was scored."""
     from rich.console import Console
@@ -193,6 +196,13 @@ def print_table(result: dict, findings: list[str], title: str = "localization") 
     console = Console(width=max(Console().width, 120))
     if not result["boxes_scored"]:
         console.print(f"{title}: {result['note']}")
+        return
+    grid = result.get("heatmap_grid") or [MEANINGFUL_GRID] * 2
+    if min(grid) < MEANINGFUL_GRID:  # the demo's 64 px resnet18: 2 x 2 cells cannot place a box
+        console.print(f"{title}: not shown: the heatmap is a {grid[0]} x {grid[1]} grid, too coarse to place a box "
+                      f"(at least {MEANINGFUL_GRID} x {MEANINGFUL_GRID} is needed: CheXNet's DenseNet-121 at 224 px). "
+                      "Its scores are still in metrics/localize.json and plots/localize/; train at a larger "
+                      "crop.pixels (or model.input_size) to see where the model looks.")
         return
     header, *rows = table_rows(result, findings)
     table = Table(title=f"{title} ({result['method']}): {result['boxes_scored']} boxes on {result['images_scored']} test "

@@ -306,3 +306,10 @@ def test_the_check_refuses_plain_cam_under_hidden_layers():
     with pytest.raises(P.ParamError, match="localize.method"):
         localize_stage.check(params_with({"localize.method": "cam", "model.head.hidden": [16]}))
     assert localize_stage.check(params_with({"localize.method": "cam"})).method == "cam"
+
+
+def test_a_heatmap_grid_too_coarse_to_place_a_box_is_not_shown_as_a_table(capsys):
+    result = {"boxes_scored": 10, "images_scored": 5, "method": "gradcam", "heatmap_grid": [2, 2], "note": ""}
+    localize.print_table(result, ["Atelectasis"])
+    printed = capsys.readouterr().out
+    assert "not shown: the heatmap is a 2 x 2 grid" in printed and "IoBB" not in printed
