@@ -106,3 +106,12 @@ def test_imports_are_found_wherever_they_are_written(tmp_path):
     assert imports.project_files("stages.one", tmp_path) == [
         "cxr14/__init__.py", "cxr14/deep/__init__.py", "cxr14/helper.py", "cxr14/sibling.py",
         "stages/__init__.py", "stages/one.py"]
+
+
+def test_the_trained_model_is_declared_a_dvc_model_artifact():
+    from dvc.repo import Repo
+
+    (artifact,) = Repo(str(REPO)).artifacts.read()["dvc.yaml"].values()
+    assert artifact.type == "model" and artifact.desc and artifact.labels
+    train = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
+    assert artifact.path in [next(iter(out)) if isinstance(out, dict) else out for out in train["outs"]]

@@ -4,7 +4,6 @@ import json
 import subprocess
 
 import pytest
-import torch
 
 from .conftest import working_tree_copy
 
@@ -94,9 +93,3 @@ def test_dvc_plots_diff_shows_both_experiments_localization_galleries(clone):
     assert images, sorted(shown)
     revisions = {rev for entries in images.values() for entry in entries for rev in entry["revisions"]}
     assert {"smoke-a", "smoke-b"} <= revisions
-
-
-def test_the_trained_model_is_a_dvc_model_artifact_that_dvc_artifacts_get_fetches(clone, tmp_path):
-    sh(clone, "dvc", "artifacts", "get", ".", "chest-xray-classifier", "--rev", "smoke-a", "-o", str(tmp_path / "model.pt"))
-    fetched = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=False)
-    assert fetched["model"]["backbone"] == "resnet18" and len(fetched["names"]) == 14
