@@ -11,9 +11,9 @@ Columns run one after another, or N at a time (`dvc exp run --queue`, `dvc queue
 train and evaluate takes a GPU of its own: cxr14/gpus.py); a failed column is reported and the rest
 still run; a column whose experiment already exists with the same params is not run again. Stages
 that a column shares with an earlier one (download, filter, crop, split, resample, weights) come from
-DVC's run cache, linked, not copied (.dvc/config: cache.type); train, evaluate and localize never do
-(train's checkpoint is persistent, evaluate's and localize's plots are not cached, and DVC's run cache
-skips such stages); columns running at the same time each run the stages they share.
+DVC's run cache, linked, not copied (.dvc/config: cache.type); train never does (its checkpoint is a
+persistent output, and DVC's run cache skips a stage with one), so neither do evaluate and localize unless
+the new model.pt is the same bytes; columns running at the same time each run the stages they share.
 """
 
 from __future__ import annotations
