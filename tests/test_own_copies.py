@@ -176,6 +176,33 @@ def test_follow_ups_and_ages_too_large_for_a_number_are_left_empty(tmp_path):
     assert read["follow_up"].tolist() == [1, pd.NA, 2] and read["age"].tolist() == [pd.NA, 45, pd.NA]
 
 
+# ---------------------------------------------------------------- a data set the filter keeps nothing of
+
+@pytest.mark.parametrize("views, names, changes, says", [
+    ("LL", None, {}, r"their views are LL 6; filter\.views = \['PA', 'AP'\] keeps 0, and the Azure blacklist "
+                     r"\(filter\.blacklist: true\) removed 0 of those\. The models take frontal chest X-rays: "
+                     r"filter\.views can name only PA and AP"),
+    ("AP", None, {"filter": {"views": ["PA"]}}, r"their views are AP 6; filter\.views = \['PA'\] keeps 0, .*\. Add AP "
+                                                r"to filter\.views"),
+    ("PA", "blacklisted", {}, r"their views are PA 6; filter\.views = \['PA', 'AP'\] keeps 6, and the Azure blacklist "
+                              r"\(filter\.blacklist: true\) removed 6 of those\. Set filter\.blacklist: false"),
+], ids=["lateral-only", "views-left-out", "all-blacklisted"])
+def test_a_filter_that_keeps_no_image_stops_saying_why(project, tmp_path_factory, views, names, changes, says):
+    folder = tmp_path_factory.mktemp("nothing_kept")
+    rows = own_rows(6).assign(**{"View Position": views})
+    if names:  # NIH images of the Azure blacklist, as a hospital's export could hold
+        rows["Image Index"] = sorted(set().union(*metadata.read_blacklists().values()))[:6]
+    write_pngs(folder, rows["Image Index"])
+    rows.to_csv(folder / "labels.csv", index=False)
+    params = write_params(project, {"data": {"source": "local", "local_dir": str(folder),
+                                             "metadata": str(folder / "labels.csv")}, **changes})
+    download.main(params)
+    with pytest.raises(StageError, match=r"no image is kept of the 6 in data/raw/metadata\.csv: " + says) as caught:
+        filter.main(params)
+    assert "\n" not in str(caught.value)
+    assert not (project / "data/filter/index.csv").exists()
+
+
 # ---------------------------------------------------------------- Kaggle's random sample
 
 @pytest.fixture
