@@ -7,7 +7,9 @@ A source list (data/raw/sources.csv) has one row per archive (`kind` tar) or per
 
 from __future__ import annotations
 
+import fnmatch
 import io
+import os
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -24,17 +26,44 @@ ARCHIVE_GLOB = "images_*.tar.gz"
 
 
 def scan_local(directory: str | Path) -> pd.DataFrame:
-    """Sources in a folder the user already has: NIH archives and PNGs in any layout (Kaggle's too), both read."""
+    """Sources in a folder the user already has: NIH archives and PNGs in any layout (Kaggle's too), both read.
+
+    Every folder under it is read (links to folders are not followed); one that cannot be listed (its
+    permissions, an I/O error) stops the scan with a StageError naming it: its images would be left out.
+    """
     directory = Path(directory).expanduser().resolve()
     if not directory.is_dir():
         raise FileNotFoundError(f"data.local_dir = {str(directory)!r} is not a folder")
-    archives = sorted(directory.rglob(ARCHIVE_GLOB))
-    pngs = sorted(directory.rglob("*.[pP][nN][gG]"))  # a hospital's export may say .PNG
+    archives, pngs, unreadable = [], [], []
+    for folder, _, files in os.walk(directory, onerror=unreadable.append):
+        for name in files:
+            if fnmatch.fnmatchcase(name, ARCHIVE_GLOB):
+                archives.append(Path(folder, name))
+            elif fnmatch.fnmatchcase(name.lower(), "*.png"):  # a hospital's export may say .PNG
+                pngs.append(Path(folder, name))
+    if unreadable:
+        raise _unreadable_folders(directory, unreadable)
+    archives, pngs = sorted(archives), sorted(pngs)
     if not archives and not pngs:
         raise FileNotFoundError(f"data.local_dir = {str(directory)!r} holds no *.png files and no {ARCHIVE_GLOB} archives")
     return pd.concat([pd.DataFrame({"kind": "tar", "path": [str(p) for p in archives], "image": ""}),
                       pd.DataFrame({"kind": "png", "path": [str(p) for p in pngs], "image": [p.name for p in pngs]})],
                      ignore_index=True)
+
+
+def _unreadable_folders(directory: Path, errors: list[OSError]) -> StageError:
+    """One line for the folders os.walk could not list: the first few (relative to `directory`) and how many."""
+    def where(error: OSError) -> str:
+        path = Path(error.filename) if error.filename else directory
+        return "." if path == directory else os.path.relpath(path, directory)
+
+    errors = sorted(errors, key=lambda error: str(error.filename))  # os.walk's order is the file system's
+    shown = ", ".join(where(error) for error in errors[:3]) + (f" and {len(errors) - 3} more" if len(errors) > 3 else "")
+    reasons = sorted({error.strerror or type(error).__name__ for error in errors})
+    folders = "1 folder" if len(errors) == 1 else f"{len(errors)} folders"
+    return StageError(f"data.local_dir = {str(directory)!r}: {folders} in it cannot be read ({'; '.join(reasons)}): "
+                      f"{shown}; the images there would be left out. Make them readable (chmod -R u+rX, or their "
+                      "owner) or move them out of the folder, and run again")
 
 
 def to_gray(image: Image.Image) -> np.ndarray:

@@ -1,10 +1,13 @@
 """`local` sources read in place (archives or a Kaggle-style PNG folder), and the crop stage."""
 
+import errno
 import io
 import json
+import os
 import re
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from PIL import Image
 
 from cxr14 import metadata, packed_images
 from cxr14.atomic import read_csv
-from cxr14.images import iter_archive, to_gray
+from cxr14.images import iter_archive, scan_local, to_gray
 from cxr14.params import StageError
 from stages import crop, download, filter
 
@@ -72,6 +75,27 @@ def test_an_empty_local_folder_is_a_clear_error(project, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(FileNotFoundError, match="no \\*.png files and no images_\\*.tar.gz"):
         download.main(write_params(project, {"data": {"source": "local", "local_dir": str(empty)}}))
+
+
+def test_unreadable_folders_in_a_local_folder_stop_the_scan_naming_them(tmp_path, monkeypatch):
+    """Tests run as root, whom chmod 000 does not stop: listing these folders fails here as it would for a user."""
+    locked = [tmp_path / "b" / f"locked_{i}" for i in range(1, 5)]
+    for folder in [tmp_path / "a", *locked]:
+        folder.mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / f"{folder.name}.png")
+    listing = os.scandir
+
+    def scandir(path="."):
+        if Path(path) in locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(StageError, match=r"4 folders in it cannot be read \(Permission denied\): b/locked_1, b/locked_2, "
+                                         r"b/locked_3 and 1 more; the images there would be left out\. Make them readable"
+                       ) as caught:
+        scan_local(tmp_path)
+    assert "\n" not in str(caught.value)
 
 
 def png_bytes(image: Image.Image) -> bytes:
