@@ -109,13 +109,20 @@ def open_png(data: bytes | str | Path) -> Image.Image:
 
 
 class ArchiveError(StageError):
-    """An archive that is not a complete gzip'd tar (a download cut short, a web page saved as .tar.gz)."""
+    """An archive that cannot be read: not a complete gzip'd tar (a download cut short, a web page saved as
+    .tar.gz: `damaged`), or a file the system will not read (its permissions, an I/O error)."""
 
 
 def _unreadable(path: str | Path, error: BaseException) -> ArchiveError:
-    reason = f"not a complete gzip'd tar ({type(error).__name__}: {error})"
-    unreadable = ArchiveError(f"{path} is {reason}; a transfer cut short? Fetch it again")
-    unreadable.reason = reason  # kept through pickling (a worker process raises it)
+    if isinstance(error, OSError) and error.errno is not None:  # the system's error (gzip's own have no errno)
+        reason = f"cannot be read ({error.strerror or error})"
+        unreadable = ArchiveError(f"{path} {reason}: check its permissions (ls -l) and its disk, and run again")
+        damaged = False
+    else:
+        reason = f"not a complete gzip'd tar ({type(error).__name__}: {error})"
+        unreadable = ArchiveError(f"{path} is {reason}; a transfer cut short? Fetch it again")
+        damaged = True
+    unreadable.reason, unreadable.damaged = reason, damaged  # kept through pickling (a worker process raises it)
     return unreadable
 
 

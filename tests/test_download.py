@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxr14 import boxes, metadata
+from cxr14 import boxes, images, metadata
 from cxr14 import fetch as fetch_module
 from cxr14.atomic import read_csv
 from cxr14.params import StageError
@@ -267,6 +267,22 @@ def test_a_gzip_cut_short_is_never_complete_even_without_md5(project, server, ar
     assert not (folder / "images_002.tar.gz").exists()
     assert (folder / "images_002.tar.gz.part").read_bytes() == cut["images_002.tar.gz"]  # kept, never complete
     assert not (project / "data/raw/sources.csv").exists()  # crop never sees it
+
+
+def test_an_archive_that_cannot_be_read_is_not_called_incomplete(project, server, archives, monkeypatch):
+    body = archives["images_002.tar.gz"]
+    target = project / "a.tar.gz"
+    target.write_bytes(body)  # whole, but not yet checked by this stage (no stamp)
+
+    def denied(path, *args, **kwargs):  # what open() raises for a file without read permission (not as root)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(images.igzip, "open", denied)
+    with pytest.raises(download.DownloadError, match=r"a.tar.gz: .*a.tar.gz.part cannot be read \(Permission denied\): "
+                                                     r"check its permissions") as caught:
+        fetch(server, target, body)
+    assert "complete" not in str(caught.value) and "fetch it again" not in str(caught.value)
+    assert server.requests == []  # the file was whole: nothing fetched
 
 
 def test_an_archive_with_fewer_images_than_the_table_is_never_complete(project, server, archives):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr14 import metadata, packed_images
+from cxr14 import images, metadata, packed_images
 from cxr14.atomic import read_csv
-from cxr14.images import iter_archive, scan_local, to_gray
+from cxr14.images import ArchiveError, iter_archive, list_archive, scan_local, to_gray
 from cxr14.params import StageError
 from stages import crop, download, filter
 
@@ -226,6 +226,24 @@ def test_a_truncated_local_archive_is_named(project, nih_copy):
     archive.write_bytes(archive.read_bytes()[:-500])
     with pytest.raises(StageError, match=f"{re.escape(str(archive))} is not a complete gzip'd tar"):
         download_local(project, nih_copy)
+
+
+@pytest.mark.parametrize("read", [list_archive, lambda path: list(iter_archive(path))], ids=["list", "iterate"])
+def test_an_archive_that_cannot_be_opened_is_not_called_incomplete(tmp_path, monkeypatch, read):
+    archive = tmp_path / "images_001.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("images/00000001_000.png")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"\x89PNG"))
+
+    def denied(path, *args, **kwargs):  # what open() raises for a file without read permission (not as root)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(images.igzip, "open", denied)
+    with pytest.raises(ArchiveError, match=f"{re.escape(str(archive))} cannot be read \\(Permission denied\\): check its "
+                                           "permissions") as caught:
+        read(archive)
+    assert "complete" not in str(caught.value) and "Fetch" not in str(caught.value)
 
 
 def test_local_keeps_downloaded_archives_of_the_workspace(project, nih_copy):
