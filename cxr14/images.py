@@ -10,10 +10,12 @@ from __future__ import annotations
 import fnmatch
 import io
 import os
+import struct
 import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -66,11 +68,16 @@ def _unreadable_folders(directory: Path, errors: list[OSError]) -> StageError:
                       "owner) or move them out of the folder, and run again")
 
 
+DEPTHS = (8, 10, 12, 14, 16)  # the sample depths of X-ray detectors and their exports
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def to_gray(image: Image.Image) -> np.ndarray:
-    """Any PNG mode as one uint8 channel: 16-bit scaled down, colour converted to luminance, alpha dropped."""
+    """Any PNG mode as one uint8 channel: 16-bit scaled down from its real depth (see sample_depth), colour
+    converted to luminance, alpha dropped."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         pixels = np.asarray(image, dtype=np.int64)
-        top = 65535 if image.mode.startswith("I;16") or pixels.max() > 255 else 255
+        top = 2 ** sample_depth(int(pixels.max(initial=0)), image.info.get("sbit")) - 1
         return (np.clip(pixels, 0, top) * (255 / top)).round().astype(np.uint8)
     if image.mode == "F":
         pixels = np.asarray(image, dtype=np.float64)
@@ -80,6 +87,50 @@ def to_gray(image: Image.Image) -> np.ndarray:
     elif image.mode != "L":
         image = image.convert("L")  # palette, RGB(A), CMYK: luminance, alpha ignored
     return np.asarray(image, dtype=np.uint8)
+
+
+def sample_depth(largest: int, sbit: tuple[int, ...] | None = None) -> int:
+    """The bits a 16-bit (or 32-bit integer) gray image's values really use: its white is 2 ** bits - 1.
+
+    A hospital's export often writes 12-bit values (0-4095) into a 16-bit PNG; scaled from 65535 they
+    would come out almost black. So: with an sBIT chunk of s significant bits (its first value; see
+    open_image), values up to 2 ** s - 1 are s-bit values (bits = s), and larger ones are scaled to 16
+    bits as the PNG specification has it (bits = 16). Without one: the smallest of 8, 10, 12, 14 and
+    16 bits that holds the image's largest value (max 3000 -> 12 bits, white 4095; max 40000 -> 16).
+    Larger values (a 32-bit image) are clipped at 16 bits. An export's images are so scaled alike as
+    long as each reaches above the next smaller depth, as X-rays do (bone, labels, the collimator's edge)."""
+    bits = sbit[0] if sbit else 0
+    if 1 <= bits <= 16:
+        return bits if largest < 2 ** bits else 16
+    return next((depth for depth in DEPTHS if largest < 2 ** depth), 16)
+
+
+def png_significant_bits(stream: BinaryIO) -> tuple[int, ...] | None:
+    """The values of a PNG's sBIT chunk (significant bits per channel), read from its chunks before the
+    image data; None for a file without one or not a PNG. Pillow reads the chunk but keeps nothing of it."""
+    if stream.read(8) != PNG_SIGNATURE:
+        return None
+    while len(head := stream.read(8)) == 8:
+        length, kind = struct.unpack(">I4s", head)
+        if kind == b"sBIT":
+            data = stream.read(length)
+            return tuple(data) if len(data) == length and length else None
+        if kind in (b"IDAT", b"IEND"):  # sBIT comes before the image data or not at all
+            return None
+        stream.seek(length + 4, os.SEEK_CUR)  # the chunk's data and CRC
+    return None
+
+
+def open_image(source: bytes | str | Path) -> Image.Image:
+    """Image.open of a file's bytes or path (not yet decoded); a PNG's sBIT chunk in info["sbit"], for to_gray."""
+    named = isinstance(source, (str, os.PathLike))
+    image = Image.open(source if named else io.BytesIO(source))
+    if image.format == "PNG":
+        with open(source, "rb") if named else io.BytesIO(source) as stream:
+            sbit = png_significant_bits(stream)
+        if sbit:
+            image.info["sbit"] = sbit
+    return image
 
 
 def crop_box(width: int, height: int, fraction: float) -> tuple[float, float, float, float]:
@@ -103,7 +154,7 @@ def crop_resize(image: Image.Image, fraction: float, size: int) -> np.ndarray:
 
 
 def open_png(data: bytes | str | Path) -> Image.Image:
-    image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    image = open_image(data)
     image.load()
     return image
 

@@ -27,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cxr14 import models, progress
 from cxr14.atomic import atomic_path, write_csv
 from cxr14.batches import prepare
-from cxr14.images import crop_resize, to_gray
+from cxr14.images import crop_resize, open_image, to_gray
 from cxr14.params import StageError
 from cxr14.runtime import Runtime, decide
 
@@ -176,7 +176,7 @@ def read_image(path: str | Path) -> np.ndarray:
     if _is_dicom(path):
         return read_dicom(path)
     try:
-        image = Image.open(path)
+        image = open_image(path)  # a 16-bit PNG's sBIT chunk too: to_gray scales from its real depth
     except UnidentifiedImageError:
         raise ImageError("not a PNG, JPEG or DICOM image") from None
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from cxr14 import images, metadata, packed_images
 from cxr14.atomic import read_csv
@@ -115,6 +115,28 @@ def test_any_png_mode_becomes_one_channel(mode):
     out = crop.crop_resize(decoded, 1.0, 64)
     assert out.dtype == np.uint8 and out.shape == (64, 64)
     assert np.abs(out.astype(int) - gray).max() <= 1
+
+
+def png16(pixels: np.ndarray, sbit: int | None = None) -> bytes:
+    """A 16-bit gray PNG of `pixels`, with an sBIT chunk of `sbit` significant bits when given."""
+    info = PngImagePlugin.PngInfo()
+    if sbit:
+        info.add(b"sBIT", bytes([sbit]))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint16)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("stored, sbit, expected", [
+    ([0, 2048, 4095], None, [0, 128, 255]),  # a hospital's 12-bit values, no sBIT: the data's own depth
+    ([0, 512, 1023], 12, [0, 32, 64]),  # sBIT 12: 12-bit values, though this image reaches only 1023
+    ([0, 32800, 65535], 12, [0, 128, 255]),  # sBIT 12, values scaled to 16 bits as the PNG specification has it
+    ([0, 32768, 65535], None, [0, 128, 255]),  # a full-range 16-bit image: as before
+], ids=["12-bit", "12-bit-sbit", "scaled-sbit", "16-bit"])
+def test_a_16_bit_png_is_scaled_from_its_real_depth_in_crop(stored, sbit, expected):
+    pixels = np.tile(np.repeat(np.array(stored), 16), (48, 1))  # three bands, 16 pixels wide
+    out = crop.crop_png(png16(pixels, sbit), 1.0, 48)  # what the stage's decoders run on each PNG
+    assert list(out[24, [8, 24, 40]]) == expected
 
 
 def test_center_crop_keeps_the_middle():

@@ -119,6 +119,15 @@ def test_a_jpeg_predicts_as_its_decoded_pixels(predictor, tmp_path):
     assert jpeg.error is None and np.array_equal(jpeg.probabilities, png.probabilities)
 
 
+def test_a_12_bit_png_predicts_as_its_8_bit_image(predictor, tmp_path):
+    """A hospital's export: 12-bit values (0-4095) in a 16-bit PNG keep their contrast, as in the crop stage."""
+    pixels = xray()
+    twelve = save_png(tmp_path / "12-bit.png", np.round(pixels * (4095 / 255)).astype(np.uint16))
+    assert np.array_equal(P.read_image(twelve), pixels)
+    from_twelve, from_eight = run(predictor, [twelve, save_png(tmp_path / "8-bit.png", pixels)])
+    assert np.array_equal(from_twelve.probabilities, from_eight.probabilities)
+
+
 def test_a_dicom_window_and_rescale_map_to_the_full_grey_range(tmp_path):
     # value = 2 * stored - 1000; LINEAR window 2000 / 1001: below 1499.5 black, above 2499.5 white
     stored = np.array([[1000, 1250, 1500], [1600, 1750, 2200]], dtype=np.uint16)
