@@ -400,6 +400,28 @@ def test_tries_without_progress_give_up_after_the_retries(project, server, archi
     assert len(server.requests) == 3
 
 
+def test_a_mirror_that_stalls_early_in_every_response_is_given_up_after_the_retries(project, server, archives):
+    """Each try brings 8 KiB, then nothing for timeout_seconds: more waiting than transferring counts as no progress."""
+    body = archives["images_003.tar.gz"]
+    server.files["/a.tar.gz"] = body
+    server.stall_every_after = 8192
+    with pytest.raises(download.DownloadError, match=r"gave up after 3 tries in a row without progress \(no data for 0.5 s "
+                                                     r".*\); 3 of them went silent for 0.5 s after less than 0.5 s of data"):
+        fetch(server, project / "a.tar.gz", body, images=COUNTS[2], retries=2, timeout=0.5)
+    assert len(server.requests) == 3  # not the dozen it takes to bring the file 8 KiB at a time
+    assert (project / "a.tar.gz.part").read_bytes() == body[:3 * 8192]  # kept for resuming
+
+
+def test_a_stall_after_data_flowed_longer_than_the_timeout_is_progress(project, server, archives):
+    """A long transfer that stalls once in a while (each try brings as much as it waits for) is never given up."""
+    body = archives["images_003.tar.gz"]
+    server.files["/a.tar.gz"] = body
+    server.stall_every_after, server.delay = 16 * 4096, 0.05  # 0.8 s of data, then silence
+    fetch(server, project / "a.tar.gz", body, images=COUNTS[2], retries=0, timeout=0.5)
+    assert (project / "a.tar.gz").read_bytes() == body
+    assert len(server.requests) == 2
+
+
 def test_ctrl_c_acts_within_a_second_on_a_stalled_socket(project, server, archives):
     body = archives["images_002.tar.gz"]
     server.files["/a.tar.gz"] = body
