@@ -123,10 +123,59 @@ def load_model(model: str, device: str) -> Predictor:
     if device == "cuda" and not torch.cuda.is_available():
         raise PredictError("--device cuda: no CUDA device is visible; use auto or cpu")
     runtime = decide(device, saved["precision"])
-    config = models.ModelConfig(**{**saved["model"], "pretrained": "none"})
-    net = models.create_model(config, len(saved["names"]), input_size)
-    net.load_state_dict(saved["state_dict"])
+    net = network(saved, input_size, where)
     return Predictor(runtime.place(net).eval(), tuple(saved["names"]), fraction, crop_size, input_size, runtime, where)
+
+
+def network(saved: dict, input_size: int, where: str) -> torch.nn.Module:
+    """The network a model file records (backbone, head, labels), its weights loaded; weights that do not fit it
+    (another backbone's, another label count's) are a PredictError saying what the file records and what they hold."""
+    recorded = saved["model"] if isinstance(saved["model"], dict) else {}
+    names = saved["names"]
+    described = (f"model.backbone {recorded.get('backbone')}, model.top {recorded.get('top')}, model.head.hidden "
+                 f"{recorded.get('hidden')}, {len(names)} labels")
+    try:
+        config = models.ModelConfig(**{**recorded, "pretrained": "none"})
+        net = models.create_model(config, len(names), input_size)
+    except Exception as error:  # a backbone this version does not know, a missing setting: many kinds
+        raise PredictError(f"{where} records a network that cannot be built ({described}: {type(error).__name__}: "
+                           f"{error}); was it written by another version of this project? Train it again "
+                           "(`dvc repro train`)") from None
+    weights = saved["state_dict"]
+    mismatch = _mismatch(net.state_dict(), weights, len(names)) if isinstance(weights, dict) else \
+        f"its state_dict is a {type(weights).__name__}, not a network's weights"
+    if not mismatch:
+        try:
+            net.load_state_dict(weights)
+        except RuntimeError as error:  # what _mismatch does not look at (a tensor that is not one)
+            mismatch = str(error).strip().splitlines()[-1].strip()
+    if mismatch:
+        raise PredictError(f"{where}: its weights do not fit the network it records ({described}): {mismatch}. "
+                           "Was the file changed or put together by hand? Use the model the train stage wrote "
+                           "(`dvc repro train`)")
+    return net
+
+
+def _mismatch(expected: dict, given: dict, labels: int) -> str:
+    """What differs between a network's weights and a file's, in words ('' when they fit)."""
+    missing = [name for name in expected if name not in given]
+    unexpected = [name for name in given if name not in expected]
+    if missing or unexpected:
+        return (f"{len(missing)} of the network's {len(expected)} weight tensors are not in the file"
+                + (f" (such as {missing[0]})" if missing else "")
+                + f", and {len(unexpected)} of the file's {len(given)} are not in the network"
+                + (f" (such as {unexpected[0]})" if unexpected else "")
+                + ": the weights of another backbone or head")
+    shapes = {name: (tuple(given[name].shape), tuple(tensor.shape)) for name, tensor in expected.items()
+              if hasattr(given[name], "shape") and tuple(given[name].shape) != tuple(tensor.shape)}
+    if not shapes:
+        return ""
+    last = [name for name, tensor in expected.items() if name.endswith(".weight") and tensor.ndim == 2][-1]
+    if last in shapes and shapes[last][0][0] != labels:
+        return f"the file names {labels} labels, and its weights' last layer ({last}) has {shapes[last][0][0]} outputs"
+    name, (held, wanted) = next(iter(shapes.items()))
+    more = f" (and {len(shapes) - 1} more tensors differ)" if len(shapes) > 1 else ""
+    return f"{name} is {list(held)} in the file, {list(wanted)} in the network{more}"
 
 
 # ---------------------------------------------------------------- the images

@@ -1,6 +1,7 @@
 """`cxr predict` on a user's images: PNG (grey, RGBA), JPEG and DICOM files and folders, prepared as the model's
 training images were; unreadable files reported one by one."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,33 @@ def test_a_model_file_without_its_preparation_is_refused_clearly(model_file, tmp
     torch.save(saved, tmp_path / "old.pt")
     with pytest.raises(P.PredictError, match="does not record params.crop.fraction, params.crop.pixels"):
         P.load_model(str(tmp_path / "old.pt"), "cpu")
+
+
+def other_backbone(saved):
+    config = models.ModelConfig(**{**saved["model"], "backbone": "mobilenet_v3_small"})
+    saved["state_dict"] = models.create_model(config, len(saved["names"]), INPUT).state_dict()
+
+
+def fewer_labels(saved):
+    saved["names"] = saved["names"][:3]
+
+
+@pytest.mark.parametrize("change, says", [
+    (other_backbone, r"model\.backbone resnet18, model\.top replace_last, model\.head\.hidden \[\], 14 labels\): \d+ of the "
+                     r"network's \d+ weight tensors are not in the file \(such as conv1\.weight\), and \d+ of the file's \d+ "
+                     r"are not in the network \(such as features\.0\.0\.weight\): the weights of another backbone"),
+    (fewer_labels, r", 3 labels\): the file names 3 labels, and its weights' last layer \(fc\.0\.weight\) has 14 outputs"),
+], ids=["another-backbone", "another-label-count"])
+def test_a_model_whose_weights_do_not_fit_its_network_is_exit_2_saying_what_differs(model_file, tmp_path, change, says):
+    saved = torch.load(model_file, weights_only=False)
+    change(saved)
+    torch.save(saved, tmp_path / "odd.pt")
+    result = CliRunner().invoke(app, ["predict", str(save_png(tmp_path / "a.png", xray())), "--model",
+                                      str(tmp_path / "odd.pt"), "--out", str(tmp_path / "out.csv"), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert re.search(f"error: {re.escape(str(tmp_path / 'odd.pt'))}: its weights do not fit the network it records \\(.*"
+                     + says, result.stderr), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.csv").exists()
 
 
 def test_a_missing_model_file_says_how_to_make_one(tmp_path):
