@@ -14,6 +14,7 @@ import io
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -364,6 +365,25 @@ def table(results: Sequence[Result], names: Sequence[str]) -> pd.DataFrame:
     if any(r.heatmaps for r in results):
         frame["heatmaps"] = [";".join(r.heatmaps or []) for r in results]
     return frame
+
+
+def cannot_write(path: str | Path, folder: bool = False) -> str | None:
+    """Why the CSV `path` (with `folder`: a folder of files) cannot be written there, in words; None when it can.
+    A folder that is not there yet is made, as the writes would make it; then a file is written in it and removed."""
+    path = Path(path).expanduser()
+    if not folder and path.is_dir():
+        return "is a folder: give the CSV's file name (such as predictions.csv in it)"
+    where = path if folder else path.parent
+    there = next(p for p in [where, *where.parents] if p.exists() or p == p.parent)  # the deepest that exists
+    if not there.is_dir():
+        return f"cannot be written: {there} is a file, not a folder"
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as error:
+        return f"cannot be written: {where} takes no new files ({error.strerror or error})"
+    return None
 
 
 def write(results: Sequence[Result], names: Sequence[str], out: str | Path) -> Path:

@@ -1,6 +1,8 @@
 """`cxr predict` on a user's images: PNG (grey, RGBA), JPEG and DICOM files and folders, prepared as the model's
 training images were; unreadable files reported one by one."""
 
+import errno
+import os
 import re
 from pathlib import Path
 
@@ -258,6 +260,35 @@ def test_a_model_whose_weights_do_not_fit_its_network_is_exit_2_saying_what_diff
     assert re.search(f"error: {re.escape(str(tmp_path / 'odd.pt'))}: its weights do not fit the network it records \\(.*"
                      + says, result.stderr), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("option, target, says", [
+    ("--out", "notes.txt/out.csv", r"cannot be written: .*notes\.txt is a file, not a folder"),
+    ("--out", "folder", r"is a folder: give the CSV's file name"),
+    ("--heatmaps", "notes.txt/heat", r"cannot be written: .*notes\.txt is a file, not a folder"),
+], ids=["out-under-a-file", "out-a-folder", "heatmaps-under-a-file"])
+def test_an_output_that_cannot_be_written_is_exit_2_before_any_prediction(model_file, tmp_path, option, target, says):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    (tmp_path / "folder").mkdir()
+    paths = {"--out": str(tmp_path / "out.csv"), option: str(tmp_path / target)}
+    result = CliRunner().invoke(app, ["predict", str(save_png(tmp_path / "a.png", xray())), "--model", str(model_file),
+                                      "--device", "cpu", *[item for pair in paths.items() for item in pair]])
+    assert result.exit_code == 2, result.output
+    assert re.fullmatch(f"error: {option} {re.escape(str(tmp_path / target))}: {says}.*\n", result.stderr), result.stderr
+    assert "predict:" not in result.stdout  # nothing was predicted, then lost
+
+
+def test_an_out_folder_without_write_permission_is_exit_2(model_file, tmp_path, monkeypatch):
+    """Tests run as root, whom permissions do not stop: writing in the folder fails here as it would for a user."""
+    def denied(*args, dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
+
+    monkeypatch.setattr(P.tempfile, "TemporaryFile", denied)
+    result = CliRunner().invoke(app, ["predict", str(save_png(tmp_path / "a.png", xray())), "--model", str(model_file),
+                                      "--device", "cpu", "--out", str(tmp_path / "out.csv")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: --out {tmp_path / 'out.csv'}: cannot be written: {tmp_path} takes no new files " \
+                            "(Permission denied)\n"
 
 
 def test_a_missing_model_file_says_how_to_make_one(tmp_path):
