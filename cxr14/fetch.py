@@ -2,10 +2,10 @@
 weights stage (torchvision's ImageNet weights).
 
 `resume` brings `NAME.part` to its full size: an HTTP Range request continues a part left by an earlier
-try or run; connection errors and server errors (5xx) are retried with exponential backoff, and a try
-that brought bytes does not count against the retries; 4xx, a web page instead of the file and a wrong
-length are not retried. What a file must hold to be complete (an MD5, a hash prefix, a readable
-archive) is the caller's check, made before the part is renamed into place.
+try or run; connection errors, stalls and server errors (5xx) are retried with exponential backoff, and a
+try that made progress does not count against the retries (see `resume` for what is progress); 4xx, a web
+page instead of the file and a wrong length are not retried. What a file must hold to be complete (an MD5,
+a hash prefix, a readable archive) is the caller's check, made before the part is renamed into place.
 """
 
 from __future__ import annotations
@@ -203,14 +203,30 @@ def resume(url: str, part: Path, size: int | None, *, retries: int, backoff: flo
     `size` None: the server's Content-Length / Content-Range says it (a server that says nothing is read
     to its end). `report` is called with the bytes on disk; setting `stop` ends the transfer (Ctrl-C).
     `what` names the file in errors; `hint` says what to do about a 4xx.
+
+    Retries (data.download.retries, in a row): a failed try counts unless it made progress, and it gives up
+    when more than `retries` tries in a row have counted. Progress is bytes, with one exception: a try that
+    ended in a stall (no data for `timeout` seconds) made progress only if its data had come for at least
+    `timeout` seconds before the stall, that is, it spent at least as long transferring as waiting. So a
+    connection cut now and then (a try that brought bytes and broke off) never uses up the retries, nor
+    does a rare stall in a long transfer; but a mirror that goes silent a little way into every response
+    is given up after retries + 1 such tries, each under 2 * timeout seconds (plus the backoff pauses).
     """
     name = part.name.removesuffix(".part")
-    attempt = 0
+    attempt, stalled_with_bytes = 0, 0
+    last_byte = [0.0]  # when the current try last wrote bytes
+
+    def noted(done: int) -> None:
+        last_byte[0] = time.monotonic()
+        report(done)
+
     while size is None or (have := file_size(part)) < size:
         have = file_size(part)
         report(have)
+        started = last_byte[0] = time.monotonic()
+        stalled = False
         try:
-            size = _transfer(url, part, have, size, timeout, report, stop, what)
+            size = _transfer(url, part, have, size, timeout, noted, stop, what)
             continue
         except urllib.error.HTTPError as error:
             if size is None and _complete_already(error, have):
@@ -221,10 +237,18 @@ def resume(url: str, part: Path, size: int | None, *, retries: int, backoff: flo
             failure = f"HTTP {error.code} {error.reason}"
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as error:
             failure = str(error) or type(error).__name__
-        attempt = 0 if file_size(part) > have else attempt + 1
+            stalled = isinstance(error, TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError)
+        brought = file_size(part) > have
+        if brought and not (stalled and last_byte[0] - started < timeout):
+            attempt, stalled_with_bytes = 0, 0
+        else:
+            attempt, stalled_with_bytes = attempt + 1, stalled_with_bytes + brought
         if attempt > retries:
             tries = "1 try" if retries == 0 else f"{retries + 1} tries in a row"
-            raise DownloadError(f"{name}: {url}: gave up after {tries} without progress ({failure}); "
+            why = (f"; {'it' if retries == 0 else f'{stalled_with_bytes} of them'} went silent for {timeout:g} s "
+                   f"after less than {timeout:g} s of data: a mirror that stalls partway through each response "
+                   "(try again later, or another mirror)") if stalled_with_bytes else ""
+            raise DownloadError(f"{name}: {url}: gave up after {tries} without progress ({failure}){why}; "
                                 f"{part} ({file_size(part):,} bytes) is kept for resuming")
         pause = backoff * 2 ** max(attempt - 1, 0)
         if stop is None:

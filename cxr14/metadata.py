@@ -33,6 +33,7 @@ REQUIRED_COLUMNS = {
     "Finding Labels": "labels",
 }
 OPTIONAL_COLUMNS = {"Follow-up #": "follow_up", "Patient Age": "age", "Patient Gender": "sex"}
+INT64_MAX = str(2 ** 63 - 1)  # the largest patient ID (pandas and numpy keep them as 64-bit integers)
 _AGE = re.compile(r"^\s*(\d+)\s*([YMDymd]?)\s*$")  # 57 (v2020), 060Y (2017 files), a few 011M or 005D
 
 
@@ -42,7 +43,7 @@ def read_metadata(path: str | Path | None = None) -> pd.DataFrame:
 
     Checked whole, each problem one line naming the file (and the line): the columns of REQUIRED_COLUMNS
     (those of OPTIONAL_COLUMNS may be missing), nothing empty in them but View Position, image names
-    given once, whole-number patient IDs. Ages become whole years (Kaggle's 060Y -> 60).
+    given once, whole-number patient IDs (at most 2 ** 63 - 1). Ages become whole years (Kaggle's 060Y -> 60).
     """
     path = Path(path).expanduser() if path else REFERENCE / METADATA_FILE
     raw = _read_csv(path)
@@ -109,27 +110,43 @@ def _unique_names(path: Path, names: pd.Series) -> None:
 
 def _patient_ids(path: Path, raw: pd.DataFrame) -> pd.Series:
     text = raw["Patient ID"]
-    bad = (~text.str.isdigit()).to_numpy().nonzero()[0]
+    digits, fits = _whole(text)
+    bad = (~digits).to_numpy().nonzero()[0]
     if len(bad):
         raise StageError(f"{path}, {_line(raw, bad[0])}, column Patient ID: {text.iloc[bad[0]]!r} is not a whole "
                          "number (patients are numbered, as in NIH's metadata: 1, 2, ...)")
+    big = (~fits).to_numpy().nonzero()[0]
+    if len(big):
+        more = f" (and {len(big) - 1} more rows)" if len(big) > 1 else ""
+        raise StageError(f"{path}, {_line(raw, big[0])}{more}, column Patient ID: {text.iloc[big[0]]} is too large "
+                         f"(at most {INT64_MAX}); number the patients 1, 2, ... as NIH's metadata does")
     return text.astype("int64")
 
 
+def _whole(text: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Which cells are whole numbers in the digits 0-9, and which of those fit a 64-bit integer."""
+    digits = text.str.fullmatch(r"[0-9]+")
+    short = text.str.lstrip("0")
+    width = short.str.len()
+    fits = digits & ((width < len(INT64_MAX)) | ((width == len(INT64_MAX)) & (short <= INT64_MAX)))
+    return digits, fits
+
+
 def _whole_numbers(text: pd.Series | None, rows: int) -> pd.Series:
+    """Whole numbers, empty where not given or not one (or too large for a 64-bit integer)."""
     if text is None:
         return pd.Series(pd.NA, index=range(rows), dtype="Int64")
-    return pd.to_numeric(text.where(text.str.isdigit()), errors="coerce").astype("Int64")
+    return text.where(_whole(text)[1]).astype("Int64")
 
 
 def _years(text: pd.Series | None, rows: int) -> pd.Series:
     """Ages in whole years (empty where not given or not readable): 57, 060Y -> 60, 011M -> 0."""
     if text is None:
         return pd.Series(pd.NA, index=range(rows), dtype="Int64")
-    if text.str.isdigit().all():  # NIH's v2020 file: whole years already
+    if _whole(text)[1].all():  # NIH's v2020 file: whole years already
         return text.astype("int64").astype("Int64")
     parts = text.str.extract(_AGE)
-    number = pd.to_numeric(parts[0], errors="coerce")
+    number = pd.to_numeric(parts[0].where(parts[0].str.len() <= 6), errors="coerce")  # no age has more digits
     per_year = parts[1].str.upper().map({"": 1, "Y": 1, "M": 12, "D": 365})
     return (number // per_year).astype("Int64")
 

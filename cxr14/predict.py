@@ -14,6 +14,7 @@ import io
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cxr14 import models, progress
 from cxr14.atomic import atomic_path, write_csv
 from cxr14.batches import prepare
-from cxr14.images import crop_resize, to_gray
+from cxr14.images import crop_resize, open_image, to_gray
 from cxr14.params import StageError
 from cxr14.runtime import Runtime, decide
 
@@ -123,10 +124,59 @@ def load_model(model: str, device: str) -> Predictor:
     if device == "cuda" and not torch.cuda.is_available():
         raise PredictError("--device cuda: no CUDA device is visible; use auto or cpu")
     runtime = decide(device, saved["precision"])
-    config = models.ModelConfig(**{**saved["model"], "pretrained": "none"})
-    net = models.create_model(config, len(saved["names"]), input_size)
-    net.load_state_dict(saved["state_dict"])
+    net = network(saved, input_size, where)
     return Predictor(runtime.place(net).eval(), tuple(saved["names"]), fraction, crop_size, input_size, runtime, where)
+
+
+def network(saved: dict, input_size: int, where: str) -> torch.nn.Module:
+    """The network a model file records (backbone, head, labels), its weights loaded; weights that do not fit it
+    (another backbone's, another label count's) are a PredictError saying what the file records and what they hold."""
+    recorded = saved["model"] if isinstance(saved["model"], dict) else {}
+    names = saved["names"]
+    described = (f"model.backbone {recorded.get('backbone')}, model.top {recorded.get('top')}, model.head.hidden "
+                 f"{recorded.get('hidden')}, {len(names)} labels")
+    try:
+        config = models.ModelConfig(**{**recorded, "pretrained": "none"})
+        net = models.create_model(config, len(names), input_size)
+    except Exception as error:  # a backbone this version does not know, a missing setting: many kinds
+        raise PredictError(f"{where} records a network that cannot be built ({described}: {type(error).__name__}: "
+                           f"{error}); was it written by another version of this project? Train it again "
+                           "(`dvc repro train`)") from None
+    weights = saved["state_dict"]
+    mismatch = _mismatch(net.state_dict(), weights, len(names)) if isinstance(weights, dict) else \
+        f"its state_dict is a {type(weights).__name__}, not a network's weights"
+    if not mismatch:
+        try:
+            net.load_state_dict(weights)
+        except RuntimeError as error:  # what _mismatch does not look at (a tensor that is not one)
+            mismatch = str(error).strip().splitlines()[-1].strip()
+    if mismatch:
+        raise PredictError(f"{where}: its weights do not fit the network it records ({described}): {mismatch}. "
+                           "Was the file changed or put together by hand? Use the model the train stage wrote "
+                           "(`dvc repro train`)")
+    return net
+
+
+def _mismatch(expected: dict, given: dict, labels: int) -> str:
+    """What differs between a network's weights and a file's, in words ('' when they fit)."""
+    missing = [name for name in expected if name not in given]
+    unexpected = [name for name in given if name not in expected]
+    if missing or unexpected:
+        return (f"{len(missing)} of the network's {len(expected)} weight tensors are not in the file"
+                + (f" (such as {missing[0]})" if missing else "")
+                + f", and {len(unexpected)} of the file's {len(given)} are not in the network"
+                + (f" (such as {unexpected[0]})" if unexpected else "")
+                + ": the weights of another backbone or head")
+    shapes = {name: (tuple(given[name].shape), tuple(tensor.shape)) for name, tensor in expected.items()
+              if hasattr(given[name], "shape") and tuple(given[name].shape) != tuple(tensor.shape)}
+    if not shapes:
+        return ""
+    last = [name for name, tensor in expected.items() if name.endswith(".weight") and tensor.ndim == 2][-1]
+    if last in shapes and shapes[last][0][0] != labels:
+        return f"the file names {labels} labels, and its weights' last layer ({last}) has {shapes[last][0][0]} outputs"
+    name, (held, wanted) = next(iter(shapes.items()))
+    more = f" (and {len(shapes) - 1} more tensors differ)" if len(shapes) > 1 else ""
+    return f"{name} is {list(held)} in the file, {list(wanted)} in the network{more}"
 
 
 # ---------------------------------------------------------------- the images
@@ -176,7 +226,7 @@ def read_image(path: str | Path) -> np.ndarray:
     if _is_dicom(path):
         return read_dicom(path)
     try:
-        image = Image.open(path)
+        image = open_image(path)  # a 16-bit PNG's sBIT chunk too: to_gray scales from its real depth
     except UnidentifiedImageError:
         raise ImageError("not a PNG, JPEG or DICOM image") from None
     try:
@@ -315,6 +365,25 @@ def table(results: Sequence[Result], names: Sequence[str]) -> pd.DataFrame:
     if any(r.heatmaps for r in results):
         frame["heatmaps"] = [";".join(r.heatmaps or []) for r in results]
     return frame
+
+
+def cannot_write(path: str | Path, folder: bool = False) -> str | None:
+    """Why the CSV `path` (with `folder`: a folder of files) cannot be written there, in words; None when it can.
+    A folder that is not there yet is made, as the writes would make it; then a file is written in it and removed."""
+    path = Path(path).expanduser()
+    if not folder and path.is_dir():
+        return "is a folder: give the CSV's file name (such as predictions.csv in it)"
+    where = path if folder else path.parent
+    there = next(p for p in [where, *where.parents] if p.exists() or p == p.parent)  # the deepest that exists
+    if not there.is_dir():
+        return f"cannot be written: {there} is a file, not a folder"
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as error:
+        return f"cannot be written: {where} takes no new files ({error.strerror or error})"
+    return None
 
 
 def write(results: Sequence[Result], names: Sequence[str], out: str | Path) -> Path:

@@ -180,8 +180,9 @@ def predict(
 ) -> None:
     """A trained model on your own images, prepared as its training images were (the crop and sizes its
     model file records). A file that cannot be read gets its error in the CSV and on stderr, and the rest
-    still run. Exit status: 0 when at least one image was predicted, 1 when none could be read, 2 when the
-    model cannot be loaded."""
+    still run. Missing folders of --out and --heatmaps are made. Exit status: 0 when at least one image was
+    predicted, 1 when none could be read, 2 when the model cannot be loaded or --out / --heatmaps cannot be
+    written (checked before any image is read)."""
     from pathlib import Path
 
     from cxr14 import predict as P
@@ -189,6 +190,10 @@ def predict(
     if device not in ("auto", "cpu", "cuda"):
         typer.secho(f"error: --device {device}: expected auto, cpu or cuda", fg="red", err=True)
         raise typer.Exit(2)
+    for option, value, folder in (("--out", out, False), ("--heatmaps", heatmaps, True)):
+        if value and (why := P.cannot_write(value, folder)):  # before the model and the images, not after
+            typer.secho(f"error: {option} {value}: {why}", fg="red", err=True)
+            raise typer.Exit(2)
     try:
         predictor = P.load_model(model, device)
     except P.PredictError as error:

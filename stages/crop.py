@@ -12,7 +12,6 @@ metrics/crop.json.
 
 from __future__ import annotations
 
-import io
 import math
 import mmap
 import multiprocessing
@@ -34,7 +33,7 @@ from PIL import Image
 from cxr14 import packed_images, progress
 from cxr14 import params as P
 from cxr14.atomic import atomic_path, read_csv, write_csv, write_json
-from cxr14.images import crop_box, crop_resize, iter_archive, resize_box
+from cxr14.images import crop_box, crop_resize, iter_archive, open_image, resize_box
 from cxr14.stage import worker_process
 
 # A batch, what a reader hands to a decoder: at most BATCH_IMAGES PNGs (few, so that the decoders finish
@@ -72,7 +71,7 @@ def crop_png(png: bytes, fraction: float, size: int) -> np.ndarray:
     Pillow only undoes the row filters of the rows the resize reads (at fraction 0.75, ~12% of the rows are
     never unfiltered): 0.7 of the time of a whole Pillow decode on NIH-like PNGs. Any other PNG, or one that
     ISA-L cannot inflate, is decoded whole by Pillow, so a damaged file gives Pillow's own error."""
-    image = Image.open(io.BytesIO(png))
+    image = open_image(png)  # a 16-bit PNG's sBIT chunk too (to_gray)
     width, height = image.size
     box = crop_box(width, height, fraction)
     codec, _, start, args = image.tile[0] if len(image.tile) == 1 else (None,) * 4

@@ -155,6 +155,9 @@ def _verify(path: Path, name: str, md5: str | None, images: int) -> None:
     try:
         found = len(list_archive(path))
     except ArchiveError as error:
+        if not error.damaged:  # permissions, an I/O error: the file may be whole
+            raise DownloadError(f"{name}: {path} {error.reason}: check its permissions (ls -l) and its disk, "
+                                "and run again (it is kept)") from None
         raise DownloadError(f"{name}: {error.reason}, though it has the table's size; it is kept as {path} and "
                             "never taken as complete: the mirror's file or the table is wrong (delete it to "
                             "fetch it again)") from None

@@ -18,6 +18,7 @@ class Server:
         self.cut_first_after: int | None = None  # close the first transfer after this many bytes
         self.cut_every_after: int | None = None  # close every transfer after this many bytes
         self.stall_after: int | None = None  # go silent at this byte of the file, until closed
+        self.stall_every_after: int | None = None  # go silent after this many bytes of every response, until closed
         self.status: int | None = None  # answer every request with this error status
         self.ignore_range = False
         self.delay = 0.0  # seconds per 4 KiB block
@@ -62,7 +63,8 @@ class Server:
                 if server.cut_every_after is not None:
                     payload = payload[:server.cut_every_after]
                 for i in range(0, len(payload), 4096):
-                    if server.stall_after is not None and start + i >= server.stall_after:
+                    if (server.stall_after is not None and start + i >= server.stall_after) or \
+                            (server.stall_every_after is not None and i >= server.stall_every_after):
                         server.closing.wait(SERVER_LIFETIME)
                         return
                     if server.delay:

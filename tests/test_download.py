@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxr14 import boxes, metadata
+from cxr14 import boxes, images, metadata
 from cxr14 import fetch as fetch_module
 from cxr14.atomic import read_csv
 from cxr14.params import StageError
@@ -269,6 +269,22 @@ def test_a_gzip_cut_short_is_never_complete_even_without_md5(project, server, ar
     assert not (project / "data/raw/sources.csv").exists()  # crop never sees it
 
 
+def test_an_archive_that_cannot_be_read_is_not_called_incomplete(project, server, archives, monkeypatch):
+    body = archives["images_002.tar.gz"]
+    target = project / "a.tar.gz"
+    target.write_bytes(body)  # whole, but not yet checked by this stage (no stamp)
+
+    def denied(path, *args, **kwargs):  # what open() raises for a file without read permission (not as root)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(images.igzip, "open", denied)
+    with pytest.raises(download.DownloadError, match=r"a.tar.gz: .*a.tar.gz.part cannot be read \(Permission denied\): "
+                                                     r"check its permissions") as caught:
+        fetch(server, target, body)
+    assert "complete" not in str(caught.value) and "fetch it again" not in str(caught.value)
+    assert server.requests == []  # the file was whole: nothing fetched
+
+
 def test_an_archive_with_fewer_images_than_the_table_is_never_complete(project, server, archives):
     short = {**archives, "images_001.tar.gz": make_archive([f"{i:08d}_000.png" for i in range(19)])}
     table = mirror_table(project, server, short)
@@ -382,6 +398,28 @@ def test_tries_without_progress_give_up_after_the_retries(project, server, archi
     with pytest.raises(download.DownloadError, match="gave up after 3 tries in a row without progress"):
         fetch(server, project / "a.tar.gz", archives["images_002.tar.gz"], retries=2)
     assert len(server.requests) == 3
+
+
+def test_a_mirror_that_stalls_early_in_every_response_is_given_up_after_the_retries(project, server, archives):
+    """Each try brings 8 KiB, then nothing for timeout_seconds: more waiting than transferring counts as no progress."""
+    body = archives["images_003.tar.gz"]
+    server.files["/a.tar.gz"] = body
+    server.stall_every_after = 8192
+    with pytest.raises(download.DownloadError, match=r"gave up after 3 tries in a row without progress \(no data for 0.5 s "
+                                                     r".*\); 3 of them went silent for 0.5 s after less than 0.5 s of data"):
+        fetch(server, project / "a.tar.gz", body, images=COUNTS[2], retries=2, timeout=0.5)
+    assert len(server.requests) == 3  # not the dozen it takes to bring the file 8 KiB at a time
+    assert (project / "a.tar.gz.part").read_bytes() == body[:3 * 8192]  # kept for resuming
+
+
+def test_a_stall_after_data_flowed_longer_than_the_timeout_is_progress(project, server, archives):
+    """A long transfer that stalls once in a while (each try brings as much as it waits for) is never given up."""
+    body = archives["images_003.tar.gz"]
+    server.files["/a.tar.gz"] = body
+    server.stall_every_after, server.delay = 16 * 4096, 0.05  # 0.8 s of data, then silence
+    fetch(server, project / "a.tar.gz", body, images=COUNTS[2], retries=0, timeout=0.5)
+    assert (project / "a.tar.gz").read_bytes() == body
+    assert len(server.requests) == 2
 
 
 def test_ctrl_c_acts_within_a_second_on_a_stalled_socket(project, server, archives):

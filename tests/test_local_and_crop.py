@@ -1,18 +1,21 @@
 """`local` sources read in place (archives or a Kaggle-style PNG folder), and the crop stage."""
 
+import errno
 import io
 import json
+import os
 import re
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from cxr14 import metadata, packed_images
+from cxr14 import images, metadata, packed_images
 from cxr14.atomic import read_csv
-from cxr14.images import iter_archive, to_gray
+from cxr14.images import ArchiveError, iter_archive, list_archive, scan_local, to_gray
 from cxr14.params import StageError
 from stages import crop, download, filter
 
@@ -74,6 +77,27 @@ def test_an_empty_local_folder_is_a_clear_error(project, tmp_path_factory):
         download.main(write_params(project, {"data": {"source": "local", "local_dir": str(empty)}}))
 
 
+def test_unreadable_folders_in_a_local_folder_stop_the_scan_naming_them(tmp_path, monkeypatch):
+    """Tests run as root, whom chmod 000 does not stop: listing these folders fails here as it would for a user."""
+    locked = [tmp_path / "b" / f"locked_{i}" for i in range(1, 5)]
+    for folder in [tmp_path / "a", *locked]:
+        folder.mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / f"{folder.name}.png")
+    listing = os.scandir
+
+    def scandir(path="."):
+        if Path(path) in locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(StageError, match=r"4 folders in it cannot be read \(Permission denied\): b/locked_1, b/locked_2, "
+                                         r"b/locked_3 and 1 more; the images there would be left out\. Make them readable"
+                       ) as caught:
+        scan_local(tmp_path)
+    assert "\n" not in str(caught.value)
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -91,6 +115,28 @@ def test_any_png_mode_becomes_one_channel(mode):
     out = crop.crop_resize(decoded, 1.0, 64)
     assert out.dtype == np.uint8 and out.shape == (64, 64)
     assert np.abs(out.astype(int) - gray).max() <= 1
+
+
+def png16(pixels: np.ndarray, sbit: int | None = None) -> bytes:
+    """A 16-bit gray PNG of `pixels`, with an sBIT chunk of `sbit` significant bits when given."""
+    info = PngImagePlugin.PngInfo()
+    if sbit:
+        info.add(b"sBIT", bytes([sbit]))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint16)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("stored, sbit, expected", [
+    ([0, 2048, 4095], None, [0, 128, 255]),  # a hospital's 12-bit values, no sBIT: the data's own depth
+    ([0, 512, 1023], 12, [0, 32, 64]),  # sBIT 12: 12-bit values, though this image reaches only 1023
+    ([0, 32800, 65535], 12, [0, 128, 255]),  # sBIT 12, values scaled to 16 bits as the PNG specification has it
+    ([0, 32768, 65535], None, [0, 128, 255]),  # a full-range 16-bit image: as before
+], ids=["12-bit", "12-bit-sbit", "scaled-sbit", "16-bit"])
+def test_a_16_bit_png_is_scaled_from_its_real_depth_in_crop(stored, sbit, expected):
+    pixels = np.tile(np.repeat(np.array(stored), 16), (48, 1))  # three bands, 16 pixels wide
+    out = crop.crop_png(png16(pixels, sbit), 1.0, 48)  # what the stage's decoders run on each PNG
+    assert list(out[24, [8, 24, 40]]) == expected
 
 
 def test_center_crop_keeps_the_middle():
@@ -202,6 +248,24 @@ def test_a_truncated_local_archive_is_named(project, nih_copy):
     archive.write_bytes(archive.read_bytes()[:-500])
     with pytest.raises(StageError, match=f"{re.escape(str(archive))} is not a complete gzip'd tar"):
         download_local(project, nih_copy)
+
+
+@pytest.mark.parametrize("read", [list_archive, lambda path: list(iter_archive(path))], ids=["list", "iterate"])
+def test_an_archive_that_cannot_be_opened_is_not_called_incomplete(tmp_path, monkeypatch, read):
+    archive = tmp_path / "images_001.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("images/00000001_000.png")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"\x89PNG"))
+
+    def denied(path, *args, **kwargs):  # what open() raises for a file without read permission (not as root)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(images.igzip, "open", denied)
+    with pytest.raises(ArchiveError, match=f"{re.escape(str(archive))} cannot be read \\(Permission denied\\): check its "
+                                           "permissions") as caught:
+        read(archive)
+    assert "complete" not in str(caught.value) and "Fetch" not in str(caught.value)
 
 
 def test_local_keeps_downloaded_archives_of_the_workspace(project, nih_copy):

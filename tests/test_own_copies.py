@@ -119,6 +119,11 @@ def bad_metadata_cases():
         rows.loc[6, "Patient ID"] = "P-17"
         rows.to_csv(path, index=False)
 
+    def patient_too_large(rows, path):  # more than a 64-bit integer holds
+        rows["Patient ID"] = rows["Patient ID"].astype(str)
+        rows.loc[3, "Patient ID"] = "99999999999999999999"
+        rows.to_csv(path, index=False)
+
     all_labels = re.escape(", ".join(labels.ALL_LABELS))
     return [
         (no_column, r"labels\.csv: no column View Position \(its header: Image Index, Finding Labels, .*\); a "
@@ -132,6 +137,8 @@ def bad_metadata_cases():
         (tab_separated, r"labels\.csv: the columns are separated by tabs"),
         (empty_labels, r"labels\.csv, line 6 \(hosp_0004\.png\), column Finding Labels: empty \(write No Finding"),
         (patient_not_a_number, r"labels\.csv, line 8 \(hosp_0006\.png\), column Patient ID: 'P-17' is not a whole number"),
+        (patient_too_large, r"labels\.csv, line 5 \(hosp_0003\.png\), column Patient ID: 99999999999999999999 is too "
+                            r"large \(at most 9223372036854775807\)"),
     ]
 
 
@@ -159,6 +166,41 @@ def test_own_images_without_data_metadata_point_at_the_csv(project, own_copy):
     with pytest.raises(FileNotFoundError, match=r"none of its 12 images .* is listed in NIH's metadata: .*set "
                                                 r"data\.metadata to your Data_Entry-style CSV \(such as .*labels\.csv\)"):
         download.main(write_params(project, {"data": {"source": "local", "local_dir": str(own_copy)}}))
+
+
+def test_follow_ups_and_ages_too_large_for_a_number_are_left_empty(tmp_path):
+    rows = own_rows(3).assign(**{"Follow-up #": ["1", "99999999999999999999", "2"],
+                                 "Patient Age": ["99999999999999999999", "045Y", "99999999999999999999Y"]})
+    rows.to_csv(tmp_path / "labels.csv", index=False)
+    read = metadata.read_metadata(tmp_path / "labels.csv")
+    assert read["follow_up"].tolist() == [1, pd.NA, 2] and read["age"].tolist() == [pd.NA, 45, pd.NA]
+
+
+# ---------------------------------------------------------------- a data set the filter keeps nothing of
+
+@pytest.mark.parametrize("views, names, changes, says", [
+    ("LL", None, {}, r"their views are LL 6; filter\.views = \['PA', 'AP'\] keeps 0, and the Azure blacklist "
+                     r"\(filter\.blacklist: true\) removed 0 of those\. The models take frontal chest X-rays: "
+                     r"filter\.views can name only PA and AP"),
+    ("AP", None, {"filter": {"views": ["PA"]}}, r"their views are AP 6; filter\.views = \['PA'\] keeps 0, .*\. Add AP "
+                                                r"to filter\.views"),
+    ("PA", "blacklisted", {}, r"their views are PA 6; filter\.views = \['PA', 'AP'\] keeps 6, and the Azure blacklist "
+                              r"\(filter\.blacklist: true\) removed 6 of those\. Set filter\.blacklist: false"),
+], ids=["lateral-only", "views-left-out", "all-blacklisted"])
+def test_a_filter_that_keeps_no_image_stops_saying_why(project, tmp_path_factory, views, names, changes, says):
+    folder = tmp_path_factory.mktemp("nothing_kept")
+    rows = own_rows(6).assign(**{"View Position": views})
+    if names:  # NIH images of the Azure blacklist, as a hospital's export could hold
+        rows["Image Index"] = sorted(set().union(*metadata.read_blacklists().values()))[:6]
+    write_pngs(folder, rows["Image Index"])
+    rows.to_csv(folder / "labels.csv", index=False)
+    params = write_params(project, {"data": {"source": "local", "local_dir": str(folder),
+                                             "metadata": str(folder / "labels.csv")}, **changes})
+    download.main(params)
+    with pytest.raises(StageError, match=r"no image is kept of the 6 in data/raw/metadata\.csv: " + says) as caught:
+        filter.main(params)
+    assert "\n" not in str(caught.value)
+    assert not (project / "data/filter/index.csv").exists()
 
 
 # ---------------------------------------------------------------- Kaggle's random sample

@@ -1,6 +1,9 @@
 """`cxr predict` on a user's images: PNG (grey, RGBA), JPEG and DICOM files and folders, prepared as the model's
 training images were; unreadable files reported one by one."""
 
+import errno
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +122,15 @@ def test_a_jpeg_predicts_as_its_decoded_pixels(predictor, tmp_path):
     assert jpeg.error is None and np.array_equal(jpeg.probabilities, png.probabilities)
 
 
+def test_a_12_bit_png_predicts_as_its_8_bit_image(predictor, tmp_path):
+    """A hospital's export: 12-bit values (0-4095) in a 16-bit PNG keep their contrast, as in the crop stage."""
+    pixels = xray()
+    twelve = save_png(tmp_path / "12-bit.png", np.round(pixels * (4095 / 255)).astype(np.uint16))
+    assert np.array_equal(P.read_image(twelve), pixels)
+    from_twelve, from_eight = run(predictor, [twelve, save_png(tmp_path / "8-bit.png", pixels)])
+    assert np.array_equal(from_twelve.probabilities, from_eight.probabilities)
+
+
 def test_a_dicom_window_and_rescale_map_to_the_full_grey_range(tmp_path):
     # value = 2 * stored - 1000; LINEAR window 2000 / 1001: below 1499.5 black, above 2499.5 white
     stored = np.array([[1000, 1250, 1500], [1600, 1750, 2200]], dtype=np.uint16)
@@ -221,6 +233,62 @@ def test_a_model_file_without_its_preparation_is_refused_clearly(model_file, tmp
     torch.save(saved, tmp_path / "old.pt")
     with pytest.raises(P.PredictError, match="does not record params.crop.fraction, params.crop.pixels"):
         P.load_model(str(tmp_path / "old.pt"), "cpu")
+
+
+def other_backbone(saved):
+    config = models.ModelConfig(**{**saved["model"], "backbone": "mobilenet_v3_small"})
+    saved["state_dict"] = models.create_model(config, len(saved["names"]), INPUT).state_dict()
+
+
+def fewer_labels(saved):
+    saved["names"] = saved["names"][:3]
+
+
+@pytest.mark.parametrize("change, says", [
+    (other_backbone, r"model\.backbone resnet18, model\.top replace_last, model\.head\.hidden \[\], 14 labels\): \d+ of the "
+                     r"network's \d+ weight tensors are not in the file \(such as conv1\.weight\), and \d+ of the file's \d+ "
+                     r"are not in the network \(such as features\.0\.0\.weight\): the weights of another backbone"),
+    (fewer_labels, r", 3 labels\): the file names 3 labels, and its weights' last layer \(fc\.0\.weight\) has 14 outputs"),
+], ids=["another-backbone", "another-label-count"])
+def test_a_model_whose_weights_do_not_fit_its_network_is_exit_2_saying_what_differs(model_file, tmp_path, change, says):
+    saved = torch.load(model_file, weights_only=False)
+    change(saved)
+    torch.save(saved, tmp_path / "odd.pt")
+    result = CliRunner().invoke(app, ["predict", str(save_png(tmp_path / "a.png", xray())), "--model",
+                                      str(tmp_path / "odd.pt"), "--out", str(tmp_path / "out.csv"), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert re.search(f"error: {re.escape(str(tmp_path / 'odd.pt'))}: its weights do not fit the network it records \\(.*"
+                     + says, result.stderr), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("option, target, says", [
+    ("--out", "notes.txt/out.csv", r"cannot be written: .*notes\.txt is a file, not a folder"),
+    ("--out", "folder", r"is a folder: give the CSV's file name"),
+    ("--heatmaps", "notes.txt/heat", r"cannot be written: .*notes\.txt is a file, not a folder"),
+], ids=["out-under-a-file", "out-a-folder", "heatmaps-under-a-file"])
+def test_an_output_that_cannot_be_written_is_exit_2_before_any_prediction(model_file, tmp_path, option, target, says):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    (tmp_path / "folder").mkdir()
+    paths = {"--out": str(tmp_path / "out.csv"), option: str(tmp_path / target)}
+    result = CliRunner().invoke(app, ["predict", str(save_png(tmp_path / "a.png", xray())), "--model", str(model_file),
+                                      "--device", "cpu", *[item for pair in paths.items() for item in pair]])
+    assert result.exit_code == 2, result.output
+    assert re.fullmatch(f"error: {option} {re.escape(str(tmp_path / target))}: {says}.*\n", result.stderr), result.stderr
+    assert "predict:" not in result.stdout  # nothing was predicted, then lost
+
+
+def test_an_out_folder_without_write_permission_is_exit_2(model_file, tmp_path, monkeypatch):
+    """Tests run as root, whom permissions do not stop: writing in the folder fails here as it would for a user."""
+    def denied(*args, dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
+
+    monkeypatch.setattr(P.tempfile, "TemporaryFile", denied)
+    result = CliRunner().invoke(app, ["predict", str(save_png(tmp_path / "a.png", xray())), "--model", str(model_file),
+                                      "--device", "cpu", "--out", str(tmp_path / "out.csv")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: --out {tmp_path / 'out.csv'}: cannot be written: {tmp_path} takes no new files " \
+                            "(Permission denied)\n"
 
 
 def test_a_missing_model_file_says_how_to_make_one(tmp_path):
