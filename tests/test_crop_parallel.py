@@ -156,7 +156,7 @@ def test_a_zlib_header_zlib_refuses_is_left_to_pillow(header):
 
 def test_many_decoders_on_one_big_and_one_small_archive_give_the_images_one_at_a_time(tmp_path):
     big, small, loose = varied_pngs(70), varied_pngs(3, seed=100), varied_pngs(5, seed=200)
-    index, images = crop_folder(tmp_path, [big, small], loose, fraction=0.75, size=48, workers=5)
+    index, images = crop_folder(tmp_path, [big, small], loose, fraction=0.75, pixels=48, workers=5)
     every = {**big, **small, **loose}
     kept = read_csv(tmp_path / "filter/index.csv")
     assert index.drop(columns="row").equals(kept) and list(index["row"]) == list(range(len(every)))
@@ -168,7 +168,7 @@ def test_a_png_bigger_than_a_slot_travels_alone_and_is_cropped(tmp_path, monkeyp
     monkeypatch.setattr(crop, "SLOT_BYTES", 20_000)  # smaller than some of these PNGs, larger than others
     pngs = varied_pngs(30)
     assert min(map(len, pngs.values())) < 20_000 < max(map(len, pngs.values()))
-    index, images = crop_folder(tmp_path, [pngs], fraction=1.0, size=40, workers=3)
+    index, images = crop_folder(tmp_path, [pngs], fraction=1.0, pixels=40, workers=3)
     for row in index.itertuples():
         assert np.array_equal(images[row.row], crop_resize(open_png(pngs[row.image]), 1.0, 40)), row.image
 
