@@ -201,7 +201,7 @@ def test_readers_stay_a_few_batches_ahead_of_the_decoders(tmp_path, monkeypatch)
 
     monkeypatch.setattr(crop, "iter_archive", iter_archive)
     monkeypatch.setattr(crop, "crop_png", crop_png)
-    crop_folder(tmp_path, [varied_pngs(80)], fraction=0.75, size=16, workers=1)
+    crop_folder(tmp_path, [varied_pngs(80)], fraction=0.75, pixels=16, workers=1)
     ahead = max(count - i for i, count in enumerate(int(n) for n in decoded.read_text().split()))
     # every slot full, the batch the reader holds waiting for a slot, the PNG that starts the next one
     assert ahead <= (crop.slot_count(workers=1, readers=1) + 1) * crop.BATCH_IMAGES + 1 < 80
@@ -218,7 +218,7 @@ def test_one_archive_is_decoded_by_every_decoder(tmp_path, monkeypatch):
         return slow(*args)
 
     monkeypatch.setattr(crop, "crop_png", crop_png)
-    crop_folder(tmp_path, [varied_pngs(48)], fraction=0.75, size=32, workers=3)
+    crop_folder(tmp_path, [varied_pngs(48)], fraction=0.75, pixels=32, workers=3)
     assert len(set(log.read_text().split())) == 3
 
 
