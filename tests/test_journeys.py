@@ -152,17 +152,8 @@ def metrics(folder: Path, name: str) -> dict:
 
 
 # The journeys in the order a user might take them in one workspace; the test of each names its checks.
+# table-demo runs in tests/test_tables.py, whose other table tests build on that run.
 JOURNEYS = ["table-demo", "nih-archives", "kaggle-full", "kaggle-sample", "hospital", "predict-report", "ablation"]
-
-
-@pytest.mark.e2e
-def test_a_table_at_demo_scale(workspace, standins):
-    """First, in the fresh workspace: the journeys after it leave params.yaml set to a local copy."""
-    (command,) = journey("table-demo")
-    smoke = ["data.synthetic.images=300", "data.synthetic.image_size=64", "data.synthetic.min_positives_per_label=10",
-             "crop.pixels=32", "train.epochs=1", "evaluate.bootstrap=20"]
-    out = run(workspace, command, standins, smoke=smoke)
-    assert "table binary_fibrosis: 2 run, 0 kept, 0 failed" in out
 
 
 @pytest.mark.e2e

@@ -16,6 +16,7 @@ from experiments import tables
 from stages import crop, download, evaluate, filter, resample, split, train
 
 from .conftest import REPO, working_tree_copy
+from .test_journeys import journey
 
 CHECKS = (download, filter, crop, split, resample, train, evaluate)
 
@@ -85,10 +86,13 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count one
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name, columns", [("optimizer_15", 2)])  # the catalog test above checks every
-# table's settings; each task kind has its own unit tests (tests/test_evaluate.py, tests/test_tasks_models.py)
-def test_a_table_runs_and_shows(clone, name, columns):
-    out = cxr(clone, "table", "run", name, "--demo", *smoke_args(), env=ONE_THREAD).stdout
+def test_a_table_runs_and_shows(clone):
+    """The docs' command (docs/tables.md, journey table-demo); the catalog test above checks every table's
+    settings; each task kind has its own unit tests (tests/test_evaluate.py, tests/test_tasks_models.py)."""
+    (command,) = journey("table-demo")
+    name, columns = "optimizer_15", 2
+    assert command.split() == ["cxr", "table", "run", name, "--demo"]
+    out = cxr(clone, *command.split()[1:], *smoke_args(), env=ONE_THREAD).stdout
     assert f"table {name}: {columns} run, 0 kept, 0 failed" in out
     listed = subprocess.run(["dvc", "exp", "list", "--name-only"], cwd=clone, capture_output=True, text=True).stdout
     table = tables.load(clone / "tables.yaml")[name]
