@@ -107,8 +107,9 @@ class Section:
         return value
 
     def number(self, name: str, *, low: float | None = None, high: float | None = None,
-               low_open: bool = False, integer: bool = False) -> float | int:
-        return check_number(self.key(name), self.get(name), low=low, high=high, low_open=low_open, integer=integer)
+               low_open: bool = False, high_open: bool = False, integer: bool = False) -> float | int:
+        return check_number(self.key(name), self.get(name), low=low, high=high, low_open=low_open,
+                            high_open=high_open, integer=integer)
 
     def optional_number(self, name: str, **limits) -> float | int | None:
         """A number, or null (the key must still be there)."""
@@ -124,19 +125,19 @@ class Section:
 
 
 def check_number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, integer: bool = False) -> float | int:
+                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> float | int:
     kind = "an integer" if integer else "a number"
     bounds = []
     if low is not None:
         bounds.append(f"{'>' if low_open else '>='} {low}")
     if high is not None:
-        bounds.append(f"<= {high}")
+        bounds.append(f"{'<' if high_open else '<='} {high}")
     valid = kind + (" " + " and ".join(bounds) if bounds else "")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
         raise ParamError(key, value, valid)
     if math.isnan(value) or (low is not None and (value <= low if low_open else value < low)):
         raise ParamError(key, value, valid)
-    if high is not None and value > high:
+    if high is not None and (value >= high if high_open else value > high):
         raise ParamError(key, value, valid)
     return int(value) if integer else float(value)
 

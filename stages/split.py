@@ -63,7 +63,7 @@ def check(params: dict) -> SplitConfig:
 def _config(section: P.Section, params: dict, method: str, sizes: list | None, counts: bool) -> SplitConfig:
     config = SplitConfig(
         method=method, sizes=sizes, counts=counts,
-        val_fraction=section.number("val_fraction", low=0, high=1, low_open=True),
+        val_fraction=section.number("val_fraction", low=0, high=1, low_open=True, high_open=True),  # 1: no train part
         drop_no_finding=section.boolean("drop_no_finding"),
         fraction=section.number("fraction", low=0, high=1, low_open=True),
         stratify=section.boolean("stratify"),
@@ -178,7 +178,7 @@ def split(index: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
     empty = [name for name, rows in parts.items() if rows.empty]
     if empty:  # found here, not later in train or evaluate
         key, value = ("split.val_fraction", config.val_fraction) if config.method == "official" and not config.counts \
-            and empty == ["val"] else ("split.sizes", config.sizes)
+            and "test" not in empty else ("split.sizes", config.sizes)  # official lists: val_fraction cuts train_val
         raise P.ParamError(key, value, f"settings that leave images in every part: the {' and '.join(empty)} part "
                            f"of {len(index)} images ({config.method} split) would be empty")
     return parts

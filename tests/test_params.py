@@ -191,3 +191,30 @@ def test_cxr_check_asks_for_missing_imagenet_weights_before_any_work(project, mo
     assert result.exit_code == 2 and "model.pretrained" in result.output and "densenet121-" in result.output
     assert "empty-hub/checkpoints/densenet121-a639ec97.pth" in result.output  # where to put them by hand
     assert not (project / "data" / "check").exists()
+
+
+def test_a_head_dropout_of_one_is_refused(project):
+    """Dropout 1 zeroes every feature the head sees: the model could only learn the label frequencies."""
+    error = error_of(train, project, {"model": {"head": {"dropout": 1.0}}})
+    assert error.key == "model.head.dropout" and ">= 0 and < 1" in str(error)
+
+
+def test_a_val_fraction_of_one_is_refused_naming_val_fraction(project):
+    error = error_of(split, project, {"split": {"method": "official", "sizes": None, "val_fraction": 1}})
+    assert error.key == "split.val_fraction" and "< 1" in str(error)
+
+
+def test_an_official_split_left_without_train_images_names_val_fraction(project):
+    """NIH's lists as they are: the train part is what val_fraction leaves of train_val."""
+    import pandas as pd
+
+    from cxr14 import metadata as md
+
+    official = md.read_official_split()
+    names = sorted(official["train_val"])[:2] + sorted(official["test"])[:1]
+    index = pd.DataFrame({"image": names, "labels": "No Finding", "patient_id": [int(n[:8]) for n in names]})
+    config = split.check(load(write_params(project, {"split": {"method": "official", "sizes": None,
+                                                               "val_fraction": 0.99, "stratify": False}})))
+    with pytest.raises(ParamError) as caught:
+        split.split(index, config)
+    assert caught.value.key == "split.val_fraction" and "the train part" in str(caught.value)
