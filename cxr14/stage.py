@@ -93,7 +93,7 @@ def run(module: str, params: str = PARAMS_FILE) -> int:
         with lock:
             importlib.import_module(module).main(params)
     except ParamError as error:
-        typer.secho(f"error: {error}", fg="red", err=True)
+        typer.secho(f"error: {error.in_file(params)}", fg="red", err=True)
         return 2
     except (StageError, FileNotFoundError, FloatingPointError) as error:
         typer.secho(f"error in stage {name}: {error}", fg="red", err=True)

@@ -42,7 +42,7 @@ def check(params: str = PARAMS) -> None:
         if wanted.pretrained == "imagenet":  # can the weights stage get them? Say so now, not after a 45 GB download
             weights.reachable(wanted)
     except ParamError as error:
-        typer.secho(f"error: {error}", fg="red", err=True)
+        typer.secho(f"error: {error.in_file(params)}", fg="red", err=True)
         raise typer.Exit(2) from None
     except FileNotFoundError as error:
         typer.secho(f"error: {error}", fg="red", err=True)

@@ -218,3 +218,46 @@ def test_an_official_split_left_without_train_images_names_val_fraction(project)
     with pytest.raises(ParamError) as caught:
         split.split(index, config)
     assert caught.value.key == "split.val_fraction" and "the train part" in str(caught.value)
+
+
+@pytest.mark.parametrize("text, where, key", [
+    ("seed: 1\ncrop:\n  pixels: 32\nseed: 2\n", "line 4, column 1", "seed"),
+    ("seed: 1\ntrain:\n  epochs: 3\n  adam:\n    lr: 0.1\n  epochs: 30\n", "line 6, column 3", "train.epochs"),
+])
+def test_a_key_given_twice_is_refused_naming_the_file_line_and_key(project, text, where, key):
+    """YAML keeps the last of two equal keys without a word: the first value would be silently ignored."""
+    (project / "other.yaml").write_text(text)
+    with pytest.raises(ParamError) as caught:
+        load(project / "other.yaml")
+    assert str(caught.value).startswith(f"{project / 'other.yaml'}: {where}: the key {key} is given twice")
+
+
+def cli(*args):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.parametrize("command", ["check", "filter"])
+def test_a_binary_params_file_is_one_line_and_exit_2(project, command):
+    (project / "some.bin").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    result = cli(command, "-p", "some.bin")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: some.bin: line 1: byte 0x89 is not UTF-8 text: a params file is a YAML text file "
+        "(a binary file given as params?)"]
+
+
+@pytest.mark.parametrize("command, change, shown", [
+    ("check", {"evaluate": {"batch_size": 0}}, "evaluate.batch_size = 0"),
+    ("crop", {"crop": {"pixels": 0}}, "crop.pixels = 0"),
+])
+def test_an_error_names_the_params_file_that_was_read(project, command, change, shown):
+    write_params(project, change)
+    (project / "params.yaml").rename(project / "other.yaml")
+    result = cli(command, "-p", "other.yaml")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: other.yaml: {shown} is not valid")
