@@ -261,3 +261,18 @@ def test_an_error_names_the_params_file_that_was_read(project, command, change, 
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: other.yaml: {shown} is not valid")
+
+
+def test_a_local_folder_that_is_not_there_stops_the_check(project, tmp_path):
+    error = error_of(download, project, {"data": {"source": "local", "local_dir": str(tmp_path / "nih-copy")}})
+    assert error.key == "data.local_dir" and "no folder there" in str(error)
+    (tmp_path / "nih-copy").mkdir()
+    download.check(load(write_params(project, {"data": {"source": "local", "local_dir": str(tmp_path / "nih-copy")}})))
+
+
+def test_an_archive_that_the_table_lacks_stops_the_check(project):
+    error = error_of(download, project, {"data": {"source": "nih", "download": {"archives": ["images_001.tar.gz",
+                                                                                              "images_13.tar.gz"]}}})
+    assert error.key == "data.download.archives" and error.value == "images_13.tar.gz"
+    assert "names from data/reference/nih_image_archives.tsv: images_001.tar.gz" in str(error)
+    assert "images_012.tar.gz" in str(error)
