@@ -8,6 +8,7 @@ or `cxr <name>`.
   the lock with the process).
 - A stage dies with its parent: killing `dvc exp run` (even with kill -9) ends the stage and, through
   the same mechanism in each worker, its worker processes, instead of leaving them writing outputs.
+- A full disk or a folder that cannot be written, in any stage, is one line naming the path (exit 1).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import fcntl
 import importlib
 import os
@@ -29,6 +31,9 @@ import typer
 from cxr14.params import PARAMS_FILE, ParamError, StageError
 
 LOCK_FILE = Path("data/.stage.lock")
+# A write that the user can fix on the disk: full, over quota, read-only, not writable by this user.
+DISK_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space", errno.EROFS: "make it writable",
+               errno.EACCES: "make it writable", errno.EPERM: "make it writable"}
 _PR_SET_PDEATHSIG = 1
 
 
@@ -84,20 +89,48 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
 
 
+# ---------------------------------------------------------------- running a stage
+
+def disk_error(error: OSError) -> str | None:
+    """One line for a write that the user can fix on the disk (full, read-only), or None for other errors."""
+    hint = DISK_ERRNOS.get(error.errno)
+    if hint is None:
+        return None
+    where = error.filename2 if error.filename is None else error.filename
+    return f"cannot write {where or 'its outputs'}: {error.strerror or error}; {hint} and run again"
+
+
+def failure(error: BaseException, stage: str, params: str | os.PathLike) -> int | None:
+    """Say in one red line what stopped the stage, and return the exit code: 2 for a bad value in the
+    params file, 1 for a failure of the stage; None for anything else (a bug: its traceback is wanted)."""
+    if isinstance(error, ParamError):
+        typer.secho(f"error: {error.in_file(params)}", fg="red", err=True)
+        return 2
+    if isinstance(error, (StageError, FileNotFoundError, FloatingPointError)):
+        line = str(error)
+    elif isinstance(error, OSError) and disk_error(error):
+        line = disk_error(error)
+    else:
+        return None
+    typer.secho(f"error in stage {stage}: {line}", fg="red", err=True)
+    return 1
+
+
 def run(module: str, params: str = PARAMS_FILE) -> int:
     """Import `module` (stages.crop, ...), run its main(params) under the workspace lock (the processes
     torchrun starts run under their launcher's) and return the exit code."""
     name = module.rpartition(".")[2]
     try:
-        lock = contextlib.nullcontext() if under_torchrun() else workspace_lock(name)
-        with lock:
+        if under_torchrun():
             importlib.import_module(module).main(params)
-    except ParamError as error:
-        typer.secho(f"error: {error.in_file(params)}", fg="red", err=True)
-        return 2
-    except (StageError, FileNotFoundError, FloatingPointError) as error:
-        typer.secho(f"error in stage {name}: {error}", fg="red", err=True)
-        return 1
+        else:
+            with workspace_lock(name):
+                importlib.import_module(module).main(params)
+    except (ParamError, StageError, OSError, FloatingPointError) as error:
+        code = failure(error, name, params)
+        if code is None:
+            raise
+        return code
     return 0
 
 

@@ -1,5 +1,7 @@
-"""Kills leave no process behind and no temporary file for good; one stage of a workspace runs at a time."""
+"""Kills leave no process behind and no temporary file for good; one stage of a workspace runs at a time; a full
+or read-only disk is one line."""
 
+import errno
 import os
 import shutil
 import signal
@@ -192,3 +194,50 @@ def test_a_worker_killed_under_crop_stops_it_with_a_message(pipeline):
     finally:
         stage.kill()
     assert not temporary_arrays(pipeline)
+
+
+# ---------------------------------------------------------------- a full disk or a read-only folder: one line, exit 1
+
+def run_read_only(folder: Path, protect: str, command: list[str]) -> subprocess.CompletedProcess:
+    """Run `command` in `folder` with `folder/protect` mounted read-only, in a mount namespace of an
+    unprivileged user namespace (chmod does not stop root, whom the tests may run as)."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no unprivileged mount namespace here (unshare -rm) to make a folder read-only")
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && cd "$PWD" && shift && exec "$@"'
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(folder / protect), *command], cwd=folder,
+                          env=ENV, capture_output=True, text=True, timeout=120)
+
+
+def test_a_read_only_workspace_stops_a_stage_in_one_line(pipeline):
+    params = write_params(pipeline)
+    done = run_read_only(pipeline, ".", [sys.executable, "-m", "stages.filter", "--params", params])
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == ["error in stage filter: cannot write data/.stage.lock: Read-only file system; "
+                                        "make it writable and run again"]
+
+
+def test_a_read_only_metrics_folder_stops_a_stage_in_one_line(pipeline):
+    params = write_params(pipeline)
+    done = run_read_only(pipeline, "metrics", [sys.executable, "-m", "stages.filter", "--params", params])
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == ["error in stage filter: cannot write metrics/filter.json: Read-only file system; "
+                                        "make it writable and run again"]
+
+
+def test_a_disk_full_after_the_array_is_one_line_naming_the_index(pipeline, monkeypatch, capsys):
+    """The disk fills while crop writes index.csv, after its array: pandas' flush raises ENOSPC naming no file."""
+    from cxr14 import stage
+
+    params = write_params(pipeline, {"crop": {"pixels": 24}})
+    real = pd.DataFrame.to_csv
+
+    def full_disk(frame, path=None, *args, **kwargs):
+        if "index.csv" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(frame, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full_disk)
+    assert stage.run("stages.crop", params) == 1
+    assert capsys.readouterr().err.splitlines() == ["error in stage crop: cannot write data/crop/index.csv: No space "
+                                                    "left on device; free some space and run again"]
+    assert not list((pipeline / "data/crop").glob(".*.tmp*"))
