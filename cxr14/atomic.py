@@ -47,7 +47,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except OSError as error:
-        if error.errno is not None and (error.filename is None or str(error.filename) == str(tmp)):
+        if error.errno is not None and error.filename2 is None and error.filename in (None, str(tmp), tmp):
             error.filename = str(path)
         raise
     finally:
