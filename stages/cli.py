@@ -35,14 +35,15 @@ def check(params: str = PARAMS) -> None:
     from stages import crop, download, evaluate, filter, localize, resample, split, train, weights
 
     try:
-        loaded = load(params)
-        for module in (download, weights, filter, crop, split, resample, train, evaluate, localize):
-            module.check(loaded)
-        wanted = weights.check(loaded)
-        if wanted.pretrained == "imagenet":  # can the weights stage get them? Say so now, not after a 45 GB download
-            weights.reachable(wanted)
-        with atomic_path(CHECKED) as tmp:
-            tmp.write_text("every section of params.yaml passed every stage's check\n")
+        with stage_runner.params_unchanged("check", params):  # the first stage of a DVC run: the others compare
+            loaded = load(params)
+            for module in (download, weights, filter, crop, split, resample, train, evaluate, localize):
+                module.check(loaded)
+            wanted = weights.check(loaded)
+            if wanted.pretrained == "imagenet":  # can the weights stage get them? Say so now, not after a 45 GB download
+                weights.reachable(wanted)
+            with atomic_path(CHECKED) as tmp:
+                tmp.write_text("every section of params.yaml passed every stage's check\n")
     except (ParamError, StageError, OSError) as error:
         code = stage_runner.failure(error, "check", params)
         if code is None:
