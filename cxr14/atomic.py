@@ -37,7 +37,8 @@ def remove_stale(path: Path) -> list[Path]:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
-    Temporary files of earlier, killed writers of the same path are deleted first."""
+    Temporary files of earlier, killed writers of the same path are deleted first. An OSError of the
+    write (a full disk) names `path`, not the temporary file (nor nothing, as a failed flush does)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
@@ -45,6 +46,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as error:
+        if error.errno is not None and error.filename2 is None and error.filename in (None, str(tmp), tmp):
+            error.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -46,7 +46,7 @@ def check(params: dict) -> ModelConfig:
         pretrained=section.choice("pretrained", PRETRAINED),
         top=section.choice("top", TOPS),
         hidden=hidden,
-        dropout=head.number("dropout", low=0, high=1),
+        dropout=head.number("dropout", low=0, high=1, high_open=True),  # 1 drops every feature
         input_size=section.optional_number("input_size", low=16, integer=True),
     )
     head.finish()

@@ -25,19 +25,38 @@ class StageError(RuntimeError):
 
 
 class ParamError(ValueError):
-    """A value in params.yaml that cannot be used."""
+    """A value in a params file that cannot be used. The checks see only the loaded values, so the
+    message says params.yaml until whoever read the file names it: `in_file(path)` (the stage runner
+    and `cxr check` do, with the file given by --params)."""
 
     def __init__(self, key: str, value: Any, valid: str):
-        self.key, self.value, self.valid = key, value, valid
-        super().__init__(f"params.yaml: {key} = {value!r} is not valid: expected {valid}")
+        self.key, self.value, self.valid, self.file = key, value, valid, None
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return f"{self.file or PARAMS_FILE}: {self.key} = {self.value!r} is not valid: expected {self.valid}"
+
+    def in_file(self, path: str | Path) -> ParamError:
+        """Name `path` as the file the value came from, unless a file is named already."""
+        if self.file is None:
+            self.file = str(path)
+            self.args = (self._message(),)
+        return self
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class ParamsFileError(ParamError):
-    """params.yaml cannot be read as YAML: the message names the file, line and column."""
+    """The params file cannot be read (not YAML, not text, a key given twice): the message names the
+    file, and the line and column where there is one."""
 
     def __init__(self, path: Path, problem: str):
-        ValueError.__init__(self, f"{path}: {problem}")
-        self.key, self.value, self.valid = "(file)", None, "valid YAML"
+        self.key, self.value, self.valid, self.file, self.problem = "(file)", None, "valid YAML", str(path), problem
+        ValueError.__init__(self, self._message())
+
+    def _message(self) -> str:
+        return f"{self.file}: {self.problem}"
 
 
 # The sections of params.yaml (every stage reads some of them); anything else at the top level is a typo.
@@ -58,17 +77,70 @@ def load(path: str | Path = PARAMS_FILE) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run from the repository root or pass --params")
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader) or {}
+        raw = path.read_bytes()
+    except OSError as error:  # a folder, an unreadable file
+        raise ParamsFileError(path, f"cannot be read: {error.strerror or error}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise ParamsFileError(path, f"line {line}: byte 0x{raw[error.start]:02x} is not UTF-8 text: a params file "
+                                    "is a YAML text file (a binary file given as params?)") from None
+    try:
+        data = parse(text, path) or {}
+    except yaml.reader.ReaderError as error:  # a character YAML does not allow: most likely a binary file
+        line = text[:error.position].count("\n") + 1
+        raise ParamsFileError(path, f"line {line}: character #x{error.character:04x} is not allowed in YAML "
+                                    f"({error.reason}): a params file is a YAML text file") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ParamsFileError(path, where + str(getattr(error, "problem", None) or error)) from None
     if not isinstance(data, dict):
-        raise ParamError("(top level)", data, "a mapping of sections")
+        raise ParamError("(top level)", data, "a mapping of sections").in_file(path)
     unknown = sorted(set(data) - set(SECTIONS), key=str)
     if unknown:
-        raise ParamError(str(unknown[0]), data[unknown[0]], "no such section: the sections are " + ", ".join(SECTIONS))
+        raise ParamError(str(unknown[0]), data[unknown[0]],
+                         "no such section: the sections are " + ", ".join(SECTIONS)).in_file(path)
     return data
+
+
+def parse(text: str, path: str | Path) -> Any:
+    """The YAML text of params file `path` as DVC reads it (YAML 1.2 numbers, no key given twice): yaml.load's
+    steps, with the keys checked before the values are built."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, Path(path))
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: Path, prefix: str = "", done: set | None = None) -> None:
+    """A key given twice in one mapping: YAML keeps the last silently (DVC's reader refuses the file)."""
+    done = set() if done is None else done
+    if id(node) in done:  # an alias of a node seen already
+        return
+    done.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, path, f"{prefix.removesuffix('.')}[{i}].", done)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[tuple[str, str], yaml.Mark] = {}
+    for key, value in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+            name = f"{prefix}{key.value}"
+            first = seen.setdefault((key.tag, key.value), key.start_mark)
+            if first is not key.start_mark:
+                mark = key.start_mark
+                raise ParamsFileError(path, f"line {mark.line + 1}, column {mark.column + 1}: the key {name} is "
+                                            f"given twice (first on line {first.line + 1}); YAML would keep only "
+                                            "the last: keep one")
+            _refuse_duplicate_keys(value, path, name + ".", done)
 
 
 class Section:
@@ -107,8 +179,9 @@ class Section:
         return value
 
     def number(self, name: str, *, low: float | None = None, high: float | None = None,
-               low_open: bool = False, integer: bool = False) -> float | int:
-        return check_number(self.key(name), self.get(name), low=low, high=high, low_open=low_open, integer=integer)
+               low_open: bool = False, high_open: bool = False, integer: bool = False) -> float | int:
+        return check_number(self.key(name), self.get(name), low=low, high=high, low_open=low_open,
+                            high_open=high_open, integer=integer)
 
     def optional_number(self, name: str, **limits) -> float | int | None:
         """A number, or null (the key must still be there)."""
@@ -124,19 +197,19 @@ class Section:
 
 
 def check_number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, integer: bool = False) -> float | int:
+                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> float | int:
     kind = "an integer" if integer else "a number"
     bounds = []
     if low is not None:
         bounds.append(f"{'>' if low_open else '>='} {low}")
     if high is not None:
-        bounds.append(f"<= {high}")
+        bounds.append(f"{'<' if high_open else '<='} {high}")
     valid = kind + (" " + " and ".join(bounds) if bounds else "")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
         raise ParamError(key, value, valid)
     if math.isnan(value) or (low is not None and (value <= low if low_open else value < low)):
         raise ParamError(key, value, valid)
-    if high is not None and value > high:
+    if high is not None and (value >= high if high_open else value > high):
         raise ParamError(key, value, valid)
     return int(value) if integer else float(value)
 

@@ -11,7 +11,7 @@ import typer
 
 from cxr14 import stage as stage_runner
 from cxr14.atomic import atomic_path
-from cxr14.params import PARAMS_FILE, ParamError, load
+from cxr14.params import PARAMS_FILE, ParamError, StageError, load
 
 # The check stage's output: the same bytes whatever the params, so that a check that passes again
 # never makes download (or anything after it) stale.
@@ -35,20 +35,20 @@ def check(params: str = PARAMS) -> None:
     from stages import crop, download, evaluate, filter, localize, resample, split, train, weights
 
     try:
-        loaded = load(params)
-        for module in (download, weights, filter, crop, split, resample, train, evaluate, localize):
-            module.check(loaded)
-        wanted = weights.check(loaded)
-        if wanted.pretrained == "imagenet":  # can the weights stage get them? Say so now, not after a 45 GB download
-            weights.reachable(wanted)
-    except ParamError as error:
-        typer.secho(f"error: {error}", fg="red", err=True)
-        raise typer.Exit(2) from None
-    except FileNotFoundError as error:
-        typer.secho(f"error: {error}", fg="red", err=True)
-        raise typer.Exit(1) from None
-    with atomic_path(CHECKED) as tmp:
-        tmp.write_text("every section of params.yaml passed every stage's check\n")
+        with stage_runner.params_unchanged("check", params):  # the first stage of a DVC run: the others compare
+            loaded = load(params)
+            for module in (download, weights, filter, crop, split, resample, train, evaluate, localize):
+                module.check(loaded)
+            wanted = weights.check(loaded)
+            if wanted.pretrained == "imagenet":  # can the weights stage get them? Say so now, not after a 45 GB download
+                weights.reachable(wanted)
+            with atomic_path(CHECKED) as tmp:
+                tmp.write_text("every section of params.yaml passed every stage's check\n")
+    except (ParamError, StageError, OSError) as error:
+        code = stage_runner.failure(error, "check", params)
+        if code is None:
+            raise
+        raise typer.Exit(code) from None
     typer.echo(f"check: {params} passes every stage's check")
 
 

@@ -72,8 +72,11 @@ def check(params: dict) -> DataConfig:
     data = P.section(params, "data")
     source = data.choice("source", SOURCES)
     local_dir = data.get("local_dir")
-    if source == "local" and not local_dir:
+    if source == "local" and not (isinstance(local_dir, str) and local_dir.strip()):
         raise P.ParamError("data.local_dir", local_dir, "the folder holding your NIH archives or PNGs (data.source is local)")
+    if source == "local" and not Path(local_dir).expanduser().is_dir():
+        raise P.ParamError("data.local_dir", local_dir, "the folder holding your NIH archives or PNGs (data.source is "
+                                                        "local), but there is no folder there")
     metadata = data.get("metadata")
     if metadata is not None:
         if not isinstance(metadata, str) or not metadata.strip():
@@ -88,6 +91,17 @@ def check(params: dict) -> DataConfig:
     archives = dl.get("archives")
     if archives != "all" and not (isinstance(archives, list) and all(isinstance(a, str) for a in archives)):
         raise P.ParamError("data.download.archives", archives, "all, or a list of archive names such as [images_001.tar.gz]")
+    if source == "nih" and archives != "all":  # the table is small: names it lacks are found now, not in the stage
+        table_path = dl.get("archives_table")
+        if not isinstance(table_path, str):
+            raise P.ParamError("data.download.archives_table", table_path, "the path of the archive table")
+        table = md.read_archive_table(table_path)
+        unknown = sorted(set(archives) - set(table["archive"]))
+        if unknown:
+            listed = list(table["archive"])
+            raise P.ParamError("data.download.archives", unknown if len(unknown) > 1 else unknown[0],
+                               f"names from {table_path}: "
+                               + ", ".join(listed[:3]) + (f", ... {listed[-1]}" if len(listed) > 3 else ""))
     syn = data.section("synthetic")
     config = DataConfig(
         source=source, local_dir=local_dir, metadata=metadata,

@@ -10,8 +10,8 @@ the same pipeline, is the baseline beside it. Test images without boxes are skip
 findings the model does not predict (a binary task's other findings).
 
 Outputs: metrics/localize.json (per finding and averaged over findings; Wang et al.'s figures beside),
-plots/localize/ (gallery.json and images/*.png, a gallery of overlays: the image, the heatmap, the true boxes in green and the heatmap's
-boxes in red; the best, a typical and the worst image of each finding by IoU).
+plots/localize/ (gallery.json and images/*.png, a gallery of overlays: the image, the heatmap, the true
+boxes in green and the heatmap's boxes in red; the best, a typical and the worst image of each finding by IoU).
 """
 
 from __future__ import annotations

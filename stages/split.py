@@ -55,9 +55,8 @@ def check(params: dict) -> SplitConfig:
     method = section.choice("method", METHODS)
     methods = {name: section.section(name) for name in METHODS}  # all three are checked: a typo anywhere is found
     read = {name: _sizes(part, name) for name, part in methods.items()}
-    val_fraction = methods["official"].number("val_fraction", low=0, high=1, low_open=True)
-    if val_fraction >= 1:  # all of train_val for validation leaves nothing to train on
-        raise P.ParamError("split.official.val_fraction", val_fraction, "a number > 0 and < 1")
+    # 1 would leave no train part
+    val_fraction = methods["official"].number("val_fraction", low=0, high=1, low_open=True, high_open=True)
     for part in methods.values():
         part.finish()
     sizes, counts = read[method]
@@ -192,7 +191,7 @@ def split(index: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
     empty = [name for name, rows in parts.items() if rows.empty]
     if empty:  # found here, not later in train or evaluate
         key, value = ("split.official.val_fraction", config.val_fraction) if config.method == "official" \
-            and not config.counts and empty == ["val"] else (f"split.{config.method}.sizes", config.sizes)
+            and not config.counts and "test" not in empty else (f"split.{config.method}.sizes", config.sizes)
         raise P.ParamError(key, value, f"settings that leave images in every part: the {' and '.join(empty)} part "
                            f"of {len(index)} images ({config.method} split) would be empty")
     return parts

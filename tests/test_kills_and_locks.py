@@ -1,5 +1,7 @@
-"""Kills leave no process behind and no temporary file for good; one stage of a workspace runs at a time."""
+"""Kills leave no process behind and no temporary file for good; one stage of a workspace runs at a time, and one
+DVC run's params stay as they began; a full or read-only disk is one line."""
 
+import errno
 import os
 import shutil
 import signal
@@ -15,7 +17,7 @@ import pytest
 from cxr14.atomic import atomic_path
 from stages import crop
 
-from .conftest import REPO, write_params
+from .conftest import REPO, working_tree_copy, write_params
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -192,3 +194,151 @@ def test_a_worker_killed_under_crop_stops_it_with_a_message(pipeline):
     finally:
         stage.kill()
     assert not temporary_arrays(pipeline)
+
+
+# ---------------------------------------------------------------- a full disk or a read-only folder: one line, exit 1
+
+def run_read_only(folder: Path, protect: str, command: list[str]) -> subprocess.CompletedProcess:
+    """Run `command` in `folder` with `folder/protect` mounted read-only, in a mount namespace of an
+    unprivileged user namespace (chmod does not stop root, whom the tests may run as)."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no unprivileged mount namespace here (unshare -rm) to make a folder read-only")
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && cd "$PWD" && shift && exec "$@"'
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(folder / protect), *command], cwd=folder,
+                          env=ENV, capture_output=True, text=True, timeout=120)
+
+
+def test_a_read_only_workspace_stops_a_stage_in_one_line(pipeline):
+    params = write_params(pipeline)
+    done = run_read_only(pipeline, ".", [sys.executable, "-m", "stages.filter", "--params", params])
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == ["error in stage filter: cannot write data/.stage.lock: Read-only file system; "
+                                        "make it writable and run again"]
+
+
+def test_a_read_only_metrics_folder_stops_a_stage_in_one_line(pipeline):
+    params = write_params(pipeline)
+    done = run_read_only(pipeline, "metrics", [sys.executable, "-m", "stages.filter", "--params", params])
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == ["error in stage filter: cannot write metrics/filter.json: Read-only file system; "
+                                        "make it writable and run again"]
+
+
+def test_a_disk_full_after_the_array_is_one_line_naming_the_index(pipeline, monkeypatch, capsys):
+    """The disk fills while crop writes index.csv, after its array: pandas' flush raises ENOSPC naming no file."""
+    from cxr14 import stage
+
+    params = write_params(pipeline, {"crop": {"pixels": 24}})
+    real = pd.DataFrame.to_csv
+
+    def full_disk(frame, path=None, *args, **kwargs):
+        if "index.csv" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(frame, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full_disk)
+    assert stage.run("stages.crop", params) == 1
+    assert capsys.readouterr().err.splitlines() == ["error in stage crop: cannot write data/crop/index.csv: No space "
+                                                    "left on device; free some space and run again"]
+    assert not list((pipeline / "data/crop").glob(".*.tmp*"))
+
+
+# ---------------------------------------------------------------- params.yaml may not change under a DVC run
+
+def test_a_stage_stops_when_its_params_file_changes_while_it_runs(pipeline, monkeypatch, capsys):
+    from cxr14 import stage
+    from stages import filter as filter_stage
+
+    params = write_params(pipeline)
+    real = filter_stage.main
+
+    def meanwhile(path):
+        real(path)
+        write_params(pipeline, {"filter": {"views": ["PA"]}})  # as a second `dvc exp run -S` in this workspace does
+
+    monkeypatch.setattr(filter_stage, "main", meanwhile)
+    assert stage.run("stages.filter", params) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f'error in stage filter: {params} changed while the stage ran: filter.views was ["PA", "AP"] when it started '
+        'and is now ["PA"]. Another `dvc exp run` or an edit in this workspace?')
+    assert "dvc exp run --temp" in lines[0]
+
+
+def test_a_stage_that_fails_while_its_params_change_names_the_change_first(pipeline, monkeypatch, capsys):
+    """A second `dvc exp run` also resets the workspace's outputs: the first run's stage fails on a file gone."""
+    from cxr14 import stage
+    from stages import filter as filter_stage
+
+    params = write_params(pipeline)
+
+    def meanwhile(path):
+        write_params(pipeline, {"filter": {"views": ["PA"]}})
+        raise FileNotFoundError("data/raw/metadata.csv is gone")
+
+    monkeypatch.setattr(filter_stage, "main", meanwhile)
+    assert stage.run("stages.filter", params) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f'error in stage filter: {params} changed while the stage ran: filter.views was ["PA", "AP"] when it started '
+        'and is now ["PA"] (and the stage failed: data/raw/metadata.csv is gone). Another `dvc exp run`')
+
+
+def test_a_stage_stops_when_the_params_changed_since_the_first_stage_of_its_dvc_run(pipeline, monkeypatch, capsys):
+    from cxr14 import stage
+
+    params = write_params(pipeline)
+    run = ["999999991-1"]  # the DVC process running the stages (not alive: its record goes once another run starts)
+    monkeypatch.setattr(stage, "dvc_run", lambda: run[0])
+    assert stage.run("stages.filter", params) == 0
+    write_params(pipeline, {"crop": {"pixels": 24}})  # between two stages of the same run
+    assert stage.run("stages.split", params) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error in stage split: {params} changed during this DVC run: crop.pixels was 32 when the stage filter started "
+        "and is now 24. Another `dvc exp run` or an edit in this workspace?")
+    run[0] = "999999992-1"  # the next `dvc exp run`: its own values
+    assert stage.run("stages.split", params) == 0
+    assert [p.name for p in (pipeline / "data/.params-seen").iterdir()] == ["999999992-1.json"]
+
+
+def test_a_stage_finds_the_dvc_process_that_runs_it():
+    """DVC runs a stage's command through a shell, both with DVC_STAGE set: the first ancestor without it is DVC."""
+    code = "from cxr14.stage import dvc_run; print(dvc_run())"
+    env = {**ENV, "DVC_STAGE": "filter"}
+    done = subprocess.run(["bash", "-c", f"{sys.executable} -c '{code}'; true"], env=env, capture_output=True, text=True)
+    start = Path(f"/proc/{os.getpid()}/stat").read_text().rpartition(")")[2].split()[19]
+    assert done.stdout.strip() == f"{os.getpid()}-{start}", done.stderr
+    outside = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
+    assert outside.stdout.strip() == "None"
+
+
+SMOKE = ["data.source=synthetic", "data.synthetic.images=200", "data.synthetic.image_size=64",
+         "data.synthetic.min_positives_per_label=5", "model.pretrained=none", "crop.workers=1"]
+SECOND_WRITER = """import yaml
+params = yaml.safe_load(open("params.yaml"))
+params["filter"]["views"] = ["PA"]
+open("params.yaml", "w").write(yaml.safe_dump(params))
+"""
+
+
+@pytest.mark.e2e
+def test_a_dvc_run_whose_params_change_between_stages_stops_naming_the_change(tmp_path):
+    """A second `dvc exp run -S` in the workspace writes params.yaml while the first runs: here a second command
+    of the download stage does it, after the stage itself, so the filter stage is the first to find it."""
+    folder = working_tree_copy(tmp_path / "repo")
+    (folder / "second_writer.py").write_text(SECOND_WRITER)
+    dvc_yaml = (folder / "dvc.yaml").read_text()
+    one_command = "    cmd: python -m stages.download\n"
+    assert one_command in dvc_yaml
+    (folder / "dvc.yaml").write_text(dvc_yaml.replace(
+        one_command, "    cmd:\n      - python -m stages.download\n      - python second_writer.py\n"))
+    for command in (["add", "-A"], ["commit", "-q", "-m", "a second writer of params.yaml"]):
+        subprocess.run(["git", *command], cwd=folder, check=True, capture_output=True)
+    command = ["dvc", "exp", "run", *[a for o in SMOKE for a in ("-S", o)], "filter"]
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "Running stage 'filter'" in out, out[-3000:]
+    assert ('error in stage filter: params.yaml changed during this DVC run: filter.views was ["PA", "AP"] when the '
+            'stage check started and is now ["PA"]') in out, out[-3000:]
+    assert "dvc exp run --temp" in out and "Traceback" not in out

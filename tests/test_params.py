@@ -74,11 +74,6 @@ def test_each_split_method_has_its_own_sizes_so_switching_the_method_alone_works
     assert config.sizes == params_with()["split"]["random"]["sizes"]
 
 
-def test_all_of_train_val_for_validation_is_refused_as_val_fraction(project):
-    error = error_of(split, project, {"split": {"method": "official", "official": {"val_fraction": 1}}})
-    assert error.key == "split.official.val_fraction" and "< 1" in str(error)
-
-
 def test_filter_views_must_be_known(project):
     assert error_of(filter, project, {"filter": {"views": ["LL"]}}).key == "filter.views"
 
@@ -205,3 +200,88 @@ def test_cxr_check_asks_for_missing_imagenet_weights_before_any_work(project, mo
     assert result.exit_code == 2 and "model.pretrained" in result.output and "densenet121-" in result.output
     assert "empty-hub/checkpoints/densenet121-a639ec97.pth" in result.output  # where to put them by hand
     assert not (project / "data" / "check").exists()
+
+
+def test_a_head_dropout_of_one_is_refused(project):
+    """Dropout 1 zeroes every feature the head sees: the model could only learn the label frequencies."""
+    error = error_of(train, project, {"model": {"head": {"dropout": 1.0}}})
+    assert error.key == "model.head.dropout" and ">= 0 and < 1" in str(error)
+
+
+def test_a_val_fraction_of_one_is_refused_naming_val_fraction(project):
+    error = error_of(split, project, {"split": {"method": "official", "official": {"sizes": None, "val_fraction": 1}}})
+    assert error.key == "split.official.val_fraction" and "< 1" in str(error)
+
+
+def test_an_official_split_left_without_train_images_names_val_fraction(project):
+    """NIH's lists as they are: the train part is what val_fraction leaves of train_val."""
+    import pandas as pd
+
+    from cxr14 import metadata as md
+
+    official = md.read_official_split()
+    names = sorted(official["train_val"])[:2] + sorted(official["test"])[:1]
+    index = pd.DataFrame({"image": names, "labels": "No Finding", "patient_id": [int(n[:8]) for n in names]})
+    settings = {"method": "official", "official": {"sizes": None, "val_fraction": 0.99}, "stratify": False}
+    config = split.check(load(write_params(project, {"split": settings})))
+    with pytest.raises(ParamError) as caught:
+        split.split(index, config)
+    assert caught.value.key == "split.official.val_fraction" and "the train part" in str(caught.value)
+
+
+@pytest.mark.parametrize("text, where, key", [
+    ("seed: 1\ncrop:\n  pixels: 32\nseed: 2\n", "line 4, column 1", "seed"),
+    ("seed: 1\ntrain:\n  epochs: 3\n  adam:\n    lr: 0.1\n  epochs: 30\n", "line 6, column 3", "train.epochs"),
+])
+def test_a_key_given_twice_is_refused_naming_the_file_line_and_key(project, text, where, key):
+    """YAML keeps the last of two equal keys without a word: the first value would be silently ignored."""
+    (project / "other.yaml").write_text(text)
+    with pytest.raises(ParamError) as caught:
+        load(project / "other.yaml")
+    assert str(caught.value).startswith(f"{project / 'other.yaml'}: {where}: the key {key} is given twice")
+
+
+def cli(*args):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.parametrize("command", ["check", "filter"])
+def test_a_binary_params_file_is_one_line_and_exit_2(project, command):
+    (project / "some.bin").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    result = cli(command, "-p", "some.bin")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: some.bin: line 1: byte 0x89 is not UTF-8 text: a params file is a YAML text file "
+        "(a binary file given as params?)"]
+
+
+@pytest.mark.parametrize("command, change, shown", [
+    ("check", {"evaluate": {"batch_size": 0}}, "evaluate.batch_size = 0"),
+    ("crop", {"crop": {"pixels": 0}}, "crop.pixels = 0"),
+])
+def test_an_error_names_the_params_file_that_was_read(project, command, change, shown):
+    write_params(project, change)
+    (project / "params.yaml").rename(project / "other.yaml")
+    result = cli(command, "-p", "other.yaml")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: other.yaml: {shown} is not valid")
+
+
+def test_a_local_folder_that_is_not_there_stops_the_check(project, tmp_path):
+    error = error_of(download, project, {"data": {"source": "local", "local_dir": str(tmp_path / "nih-copy")}})
+    assert error.key == "data.local_dir" and "no folder there" in str(error)
+    (tmp_path / "nih-copy").mkdir()
+    download.check(load(write_params(project, {"data": {"source": "local", "local_dir": str(tmp_path / "nih-copy")}})))
+
+
+def test_an_archive_that_the_table_lacks_stops_the_check(project):
+    error = error_of(download, project, {"data": {"source": "nih", "download": {"archives": ["images_001.tar.gz",
+                                                                                              "images_13.tar.gz"]}}})
+    assert error.key == "data.download.archives" and error.value == "images_13.tar.gz"
+    assert "names from data/reference/nih_image_archives.tsv: images_001.tar.gz" in str(error)
+    assert "images_012.tar.gz" in str(error)
