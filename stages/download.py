@@ -371,8 +371,8 @@ def read_local(config: DataConfig, metadata: pd.DataFrame, directory: Path) -> t
 
 
 def write_local_note(directory: Path, local_dir: str) -> None:
-    """data/raw/archives is an output of every source (crop depends on it); a local copy is read in place,
-    so for it the folder holds this note, not archives (an empty folder would not survive DVC's checkout)."""
+    """data/raw/archives is an output of every source (DVC fails a run whose declared output is missing, and
+    crop depends on it); a local copy is read in place, so for it the folder holds this note, not archives."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / LOCAL_NOTE).write_text(f"data.source local: the images are read in place from {local_dir} "
                                         f"({RAW / 'sources.csv'} lists where each is); no archive is copied here.\n")

@@ -140,7 +140,8 @@ def test_evaluate_writes_the_reliability_curves_for_dvc_plots(evaluated):
         mine = [r for r in rows if r["label"] == name]
         assert sum(r["images"] for r in mine) == result["images"] and len(mine) <= 5
         assert all(0 <= r["mean_predicted"] <= 1 and 0 <= r["observed"] <= 1 for r in mine)
-    plots = {k: v for entry in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"] for k, v in entry.items()}
+    plots = {k: v for entry in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"] if isinstance(entry, dict)
+             for k, v in entry.items()}
     declared = plots["plots/evaluate/plots/custom/calibration.json"]
     assert (REPO / ".dvc/plots" / f"{declared['template']}.json").exists()
     assert (declared["x"], declared["y"]) == ("mean_predicted", "observed")

@@ -54,7 +54,7 @@ def test_local_archives_are_read_in_place(project, nih_copy):
     index, images = run_to_crop(project, {"data": {"source": "local", "local_dir": str(nih_copy)}})
     sources = read_csv(project / "data/raw/sources.csv")
     assert set(sources["path"]) == {str(p) for p in nih_copy.glob("*.tar.gz")}
-    assert not list((project / "data/raw/archives").iterdir())  # nothing copied
+    assert [p.name for p in (project / "data/raw/archives").iterdir()] == [download.LOCAL_NOTE]  # nothing copied
     expected = set()
     for archive in nih_copy.glob("*.tar.gz"):
         expected |= {name for name, _ in iter_archive(archive)}
