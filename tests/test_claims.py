@@ -93,6 +93,12 @@ def test_every_similar_claim_has_the_same_margin():
     assert margins == {0.01}
 
 
+def test_the_catalogs_directions_are_those_the_verdict_judges():
+    from cxr14 import compare
+
+    assert tables.CLAIM_DIRECTIONS == compare.DIRECTIONS
+
+
 def test_a_claim_on_another_tables_column_resolves_to_it():
     table = CATALOG["binary_fibrosis"]
     claim = next(c for c in table.claims if "final_vs_chexnet/chexnet-paper" in c.columns)
