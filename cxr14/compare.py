@@ -212,7 +212,7 @@ def verdict(low: float, high: float, direction: str, margin: float | None = None
     if direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r}: expected one of {', '.join(DIRECTIONS)}")
     if not low <= high:
-        raise ValueError(f"interval [{low}, {high}]: low must not exceed high")
+        raise ValueError(f"interval [{low}, {high}]: expected two numbers, low not above high")
     if direction == "similar":
         if margin is None or not margin > 0:
             raise ValueError(f"direction 'similar' needs a margin above 0 (AUROC), got {margin!r}")

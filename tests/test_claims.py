@@ -1,5 +1,7 @@
 """The report's conclusions as data (tables.yaml `claims`): each is the report's words, on columns that exist."""
 
+from functools import cache
+
 import pytest
 
 from cxr14 import params as P
@@ -12,6 +14,7 @@ CLAIMS = [(table, claim) for table in CATALOG.values() for claim in table.claims
 TITLE = "NIH Chest X-ray Project Report"
 
 
+@cache
 def the_report() -> str | None:
     """The report, where tables.yaml's header says it is (../shared/seed), its whitespace collapsed."""
     for path in sorted((REPO.parent / "shared" / "seed").glob("*.txt")):

@@ -283,6 +283,7 @@ def test_an_unknown_direction_names_the_valid_ones():
         C.verdict(0.01, 0.02, "higher")
 
 
-def test_an_interval_upside_down_is_refused():
-    with pytest.raises(ValueError, match="low must not exceed high"):
-        C.verdict(0.02, 0.01, "better")
+@pytest.mark.parametrize("low, high", [(0.02, 0.01), (float("nan"), 0.01)])
+def test_an_interval_upside_down_or_undefined_is_refused(low, high):
+    with pytest.raises(ValueError, match="expected two numbers, low not above high"):
+        C.verdict(low, high, "better")
