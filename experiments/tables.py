@@ -38,6 +38,9 @@ CATALOG = Path("tables.yaml")
 ROW_KINDS = ("loss", "micro", "macro", "labels", "binary", "counts", "images")
 BINARY_ROWS = ("threshold", "tn", "fp", "fn", "tp", "accuracy", "precision", "recall", "f1", "auroc")
 SAME_RUN = "same_run_as"
+# cxr14/compare.py's verdict's directions (a test keeps them equal): not imported, so that the check stage,
+# which loads this catalog, does not run the comparison code (dvc.yaml lists what each stage imports)
+CLAIM_DIRECTIONS = ("better", "worse", "similar")
 
 
 @dataclass
@@ -55,6 +58,18 @@ class Column:
 
 
 @dataclass
+class Claim:
+    """One conclusion the report draws from a table: A is better than, worse than or similar to B."""
+    quote: str  # the report's words, verbatim (whitespace aside)
+    columns: list[str]  # [A, B]: a column of this table, or TABLE/COLUMN of another
+    metric: str  # macro, micro, binary (a binary table's AUROC) or a label of the table's task
+    direction: str  # better (A better than B), worse, similar (|A - B| within margin)
+    margin: float | None = None  # similar only: the largest difference in AUROC still called similar
+    note: str | None = None  # where the pair differs in more than the compared setting, or reads the words freely
+    sides: tuple[tuple[Table, Column], tuple[Table, Column]] | None = field(default=None, repr=False)  # by load()
+
+
+@dataclass
 class Table:
     name: str
     title: str
@@ -65,6 +80,7 @@ class Table:
     why: dict[str, str] = field(default_factory=dict)  # set's keys: where each comes from
     notes: list[str] = field(default_factory=list)  # what the report leaves unstated, what a column reuses
     contradictions: list[str] = field(default_factory=list)  # where the report disagrees with itself
+    claims: list[Claim] = field(default_factory=list)  # the report's conclusions from this table
 
     def experiment(self, column: Column) -> str:
         return f"{self.name}-{column.name}"
@@ -97,7 +113,54 @@ def load(path: Path | None = None) -> dict[str, Table]:
         for column in table.columns:
             if column.same_run_as:
                 column.reuses = _resolve(tables, f"{path}: {table.name}/{column.name}", column.same_run_as)
+        table.claims = [_claim(tables, table, f"{path}: table {table.name}, claim {k}", entry)
+                        for k, entry in enumerate(raw[table.name].get("claims") or [], start=1)]
     return tables
+
+
+def claim_metrics(task: str) -> tuple[str, ...]:
+    """What a claim on a table of this task may compare: a binary table has one AUROC; the others their labels'."""
+    if task == "binary":
+        return ("binary",)
+    return ("macro", "micro", *(L.ALL_LABELS if task == "multilabel15" else L.FINDINGS))
+
+
+def _claim(tables: dict[str, Table], table: Table, where: str, entry: dict) -> Claim:
+    """A claim of the catalog, checked field by field: its columns exist, its metric is one of the table's."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a mapping with quote, columns, metric, direction, got {entry!r}")
+    known = {f for f in Claim.__dataclass_fields__ if f != "sides"}
+    problems = [f"unknown field {f!r}" for f in sorted(set(entry) - known)]
+    problems += [f"no {f}" for f in ("quote", "columns", "metric", "direction") if f not in entry]
+    if problems:
+        raise ValueError(f"{where}: {'; '.join(problems)} (the fields: {', '.join(sorted(known))})")
+    claim = Claim(**entry)
+    where = f"{where} ({str(claim.quote)[:40]!r}...)"
+    if not isinstance(claim.quote, str) or not claim.quote.strip():
+        raise ValueError(f"{where}: quote {claim.quote!r}: expected the report's words")
+    if not isinstance(claim.columns, list) or len(claim.columns) != 2 or claim.columns[0] == claim.columns[1]:
+        raise ValueError(f"{where}: columns {claim.columns!r}: expected two different columns [A, B]")
+    claim.sides = tuple(_claim_side(tables, table, where, name) for name in claim.columns)
+    if claim.metric not in claim_metrics(table.task):
+        raise ValueError(f"{where}: metric {claim.metric!r}: expected one of {', '.join(claim_metrics(table.task))}")
+    if claim.direction not in CLAIM_DIRECTIONS:
+        raise ValueError(f"{where}: direction {claim.direction!r}: expected one of {', '.join(CLAIM_DIRECTIONS)}")
+    if claim.direction == "similar" and not (isinstance(claim.margin, (int, float)) and claim.margin > 0):
+        raise ValueError(f"{where}: margin {claim.margin!r}: a 'similar' claim needs a margin above 0 (AUROC)")
+    if claim.direction != "similar" and claim.margin is not None:
+        raise ValueError(f"{where}: margin {claim.margin!r}: only a 'similar' claim has one")
+    return claim
+
+
+def _claim_side(tables: dict[str, Table], table: Table, where: str, name: str) -> tuple[Table, Column]:
+    """A claim's column: NAME of its own table, or TABLE/NAME of another."""
+    other, _, column_name = name.rpartition("/")
+    owner = tables.get(other) if other else table
+    column = next((c for c in owner.columns if c.name == column_name), None) if owner else None
+    if column is None:
+        names = ", ".join(c.name for c in table.columns)
+        raise ValueError(f"{where}: columns: {name!r} is not a column of {table.name} ({names}) nor TABLE/COLUMN of the catalog")
+    return owner, column
 
 
 def _check_why(where: str, settings: dict, why: dict, same_run_as: str | None = None) -> None:
