@@ -60,8 +60,8 @@ class ParamsFileError(ParamError):
 
 
 # The sections of params.yaml (every stage reads some of them); anything else at the top level is a typo.
-SECTIONS = ("seed", "data", "filter", "crop", "split", "resample", "task", "model", "weights", "train", "evaluate",
-            "localize")
+SECTIONS = ("seed", "run_seed", "data", "filter", "crop", "split", "resample", "task", "model", "weights", "train",
+            "evaluate", "localize")
 
 
 class _Loader(yaml.SafeLoader):
@@ -225,6 +225,15 @@ def seed(params: dict) -> int:
     if "seed" not in params:
         raise ParamError("seed", None, f"a value: the key is missing (see {PARAMS_FILE} in the repository)")
     return int(check_number("seed", params["seed"], low=0, integer=True))
+
+
+def training_seed(params: dict) -> int:
+    """The seed of one training run's randomness (initialisation, augmentation, batch order, resampling and the
+    binary task's negatives): `seed` for run_seed 1, `seed + run_seed - 1` for the others. The split and the
+    test set follow `seed` alone, so the runs of `cxr table run --seeds N` are compared on the same images."""
+    if "run_seed" not in params:
+        raise ParamError("run_seed", None, f"a value: the key is missing (see {PARAMS_FILE} in the repository)")
+    return seed(params) + int(check_number("run_seed", params["run_seed"], low=1, integer=True)) - 1
 
 
 def apply(params: dict, overrides: dict[str, Any]) -> dict:

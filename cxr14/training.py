@@ -196,7 +196,7 @@ def check_finite(losses: list[torch.Tensor], epoch: int, step: int) -> None:
 # ---------------------------------------------------------------- resuming only the same run
 
 # The params sections that shape the train stage's inputs and its run; evaluate's do not.
-FINGERPRINT_SECTIONS = ("seed", "data", "filter", "crop", "split", "resample", "task", "model", "train")
+FINGERPRINT_SECTIONS = ("seed", "run_seed", "data", "filter", "crop", "split", "resample", "task", "model", "train")
 SAMPLED_ROWS = 64
 
 

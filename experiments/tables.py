@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from cxr14 import labels as L
@@ -82,8 +83,12 @@ class Table:
     contradictions: list[str] = field(default_factory=list)  # where the report disagrees with itself
     claims: list[Claim] = field(default_factory=list)  # the report's conclusions from this table
 
-    def experiment(self, column: Column) -> str:
-        return f"{self.name}-{column.name}"
+    def experiment(self, column: Column, run_seed: int | None = None) -> str:
+        """NAME-COLUMN, or NAME-COLUMN-sK for the run with run_seed K (`cxr table run --seeds N`)."""
+        return f"{self.name}-{column.name}" + (f"-s{run_seed}" if run_seed else "")
+
+    def experiments(self, column: Column, seeds: int | None = None) -> list[str]:
+        return [self.experiment(column)] if not seeds else [self.experiment(column, k) for k in range(1, seeds + 1)]
 
     @property
     def runnable(self) -> list[Column]:
@@ -256,14 +261,17 @@ def _same_params(name: str, wanted: dict[str, Any]) -> bool:
     return have == P.apply(P.load(), wanted)
 
 
-def run(names: str | list[str], demo: bool = False, extra: list[str] = (), jobs: int = 1) -> int:
+def run(names: str | list[str], demo: bool = False, extra: list[str] = (), jobs: int = 1, seeds: int | None = None) -> int:
     """Run the columns of one or more tables (`all`: every table) that are missing or whose params changed:
     one after another (jobs 1), or through DVC's queue, `jobs` at a time (each train and evaluate on a GPU
     of its own: cxr14/gpus.py). A column that is the same run as another being run (same_run_as) waits for
     it, so that it takes the shared stages from DVC's run cache; it trains and evaluates again (train is
-    never in the run cache)."""
+    never in the run cache). With `seeds` N, each column runs N times (NAME-COLUMN-s1 ... -sN, run_seed 1
+    to N): only the training randomness differs, the split and the test set stay the same."""
     if jobs < 1:
         raise ValueError(f"--jobs {jobs}: expected 1 or more experiments at a time")
+    if seeds is not None and seeds < 1:
+        raise ValueError(f"--seeds {seeds}: expected 1 or more training runs a column")
     names = [names] if isinstance(names, str) else list(names)
     chosen = [_get(name) for name in names] if names != ["all"] else list(load().values())
     wanted_extra = parse_overrides(list(extra))
@@ -271,21 +279,21 @@ def run(names: str | list[str], demo: bool = False, extra: list[str] = (), jobs:
     todo, skipped = {}, []  # experiment name -> (column, its -S overrides)
     for table in chosen:
         for column in table.runnable:
-            exp = table.experiment(column)
-            wanted = settings(table, column, demo, wanted_extra)
-            if exp in existing and _same_params(exp, wanted):
-                skipped.append(exp)
-                print(f"{exp}: already run with these params, kept")
-                continue
-            if exp in existing:
-                _exp("remove", exp)
-            todo[exp] = (column, [a for item in demo_settings.overrides(wanted) for a in ("-S", item)])
+            for k, exp in enumerate(table.experiments(column, seeds), start=1):
+                wanted = {**settings(table, column, demo, wanted_extra), **({"run_seed": k} if seeds else {})}
+                if exp in existing and _same_params(exp, wanted):
+                    skipped.append(exp)
+                    print(f"{exp}: already run with these params, kept")
+                    continue
+                if exp in existing:
+                    _exp("remove", exp)
+                todo[exp] = (column, [a for item in demo_settings.overrides(wanted) for a in ("-S", item)])
     done, failed = [], []
-    for wave in waves(chosen, todo):
+    for wave in waves(chosen, todo, seeds):
         ran, broke = _run_queued(wave, jobs) if jobs > 1 and len(wave) > 1 else _run_one_by_one(wave)
         done, failed = done + ran, failed + broke
     for table in chosen:
-        mine = {table.experiment(c) for c in table.runnable}
+        mine = {e for c in table.runnable for e in table.experiments(c, seeds)}
         ran, kept, broke = ([e for e in found if e in mine] for found in (done, skipped, failed))
         print(f"\ntable {table.name}: {len(ran)} run, {len(kept)} kept, {len(broke)} failed"
               + (f": {', '.join(broke)}" if broke else ""))
@@ -293,10 +301,10 @@ def run(names: str | list[str], demo: bool = False, extra: list[str] = (), jobs:
     return 1 if failed else 0
 
 
-def waves(tables: list[Table], todo: dict[str, tuple]) -> list[dict[str, tuple]]:
+def waves(tables: list[Table], todo: dict[str, tuple], seeds: int | None = None) -> list[dict[str, tuple]]:
     """The columns to run in two waves: first every run, then the columns that are the same run as one of
     the first wave (same_run_as), which then take the stages they share from DVC's run cache."""
-    owner = {table.experiment(c): table for table in tables for c in table.runnable}
+    owner = {e: table for table in tables for c in table.runnable for e in table.experiments(c, seeds)}
     first_runs = {f"{owner[exp].name}/{column.name}" for exp, (column, _) in todo.items()}
     later = {exp for exp, (column, _) in todo.items() if column.same_run_as in first_runs}
     return [w for w in ({e: v for e, v in todo.items() if e not in later},
@@ -452,21 +460,19 @@ def _read(path: str, rev: str):
         return None
 
 
-def results(table: Table) -> dict[str, dict | None]:
-    """Each run column's evaluate and resample metrics and params, read through DVC (None: not run)."""
+def results(table: Table, existing: set[str] | None = None) -> dict[str, list[dict]]:
+    """Each run column's runs (its seeds, or its one run): evaluate and resample metrics and params, read
+    through DVC ([] : not run)."""
     import dvc.api
 
-    out = {}
-    existing = set(_exp("list", "--name-only").stdout.split())
-    for column in table.runnable:
-        exp = table.experiment(column)
-        if exp not in existing:
-            out[column.name] = None
-            continue
-        out[column.name] = {"evaluate": _read("metrics/evaluate.json", exp) or {},
-                            "resample": _read("metrics/resample.json", exp) or {},
-                            "params": dvc.api.params_show(rev=exp)}
-    return out
+    from experiments.evidence import column_runs
+
+    existing = set(_exp("list", "--name-only").stdout.split()) if existing is None else existing
+    return {column.name: [{"evaluate": _read("metrics/evaluate.json", exp) or {},
+                           "resample": _read("metrics/resample.json", exp) or {},
+                           "params": dvc.api.params_show(rev=exp)}
+                          for exp in column_runs(table.experiment(column), existing)]
+            for column in table.runnable}
 
 
 def row_names(table: Table) -> list[tuple[str, str]]:
@@ -488,6 +494,7 @@ def row_names(table: Table) -> list[tuple[str, str]]:
 
 
 def measured(kind: str, key: str, result: dict | None):
+    """One figure of one run."""
     if not result:
         return None
     evaluate = result["evaluate"]
@@ -519,6 +526,20 @@ def reported(kind: str, key: str, column: Column):
     return report.get(kind)
 
 
+def mean_of(kind: str, key: str, runs: list[dict]) -> float | None:
+    values = [v for v in (measured(kind, key, r) for r in runs) if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _measured_cell(kind: str, key: str, runs: list[dict]) -> str:
+    """One run's figure; several runs' mean ± standard deviation (n runs)."""
+    values = [v for v in (measured(kind, key, r) for r in runs) if v is not None]
+    if len(values) < 2:
+        return _fmt(values[0] if values else None, kind)
+    decimals = 4 if kind == "loss" else 3
+    return f"{np.mean(values):.{decimals}f} ± {np.std(values, ddof=1):.{decimals}f} (n={len(values)})"
+
+
 def _reported_cell(kind: str, key: str, column: Column) -> str:
     """The report's figure in brackets; a binary figure that its own confusion matrix contradicts gets both."""
     old = reported(kind, key, column)
@@ -536,19 +557,20 @@ def _fmt(value, kind: str = "") -> str:
     return f"{value:.4f}" if kind == "loss" else f"{value:.3f}"
 
 
-def markdown(table: Table, found: dict[str, dict | None]) -> str:
+def markdown(table: Table, found: dict[str, list[dict]]) -> str:
     header = ["", *[c.title + (" [ours: not in the report]" if c.ours else "") for c in table.columns]]
-    lines = [f"### {table.title}", "", "Each cell: this repo's figure (the report's in brackets).", "",
+    lines = [f"### {table.title}", "", "Each cell: this repo's figure, or its mean ± standard deviation over n training "
+             "runs (seeds) (the report's in brackets).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for kind, key in row_names(table):
         label = {"loss": "Loss", "micro": "Micro average AUROC", "macro": "Macro average AUROC",
                  "counts": f"{key} (training images)"}.get(kind, key)
         cells = []
         for column in table.columns:
-            new = None if column.reference else measured(kind, key, found.get(column.name))
-            cells.append(_fmt(new, kind) + _reported_cell(kind, key, column))
+            new = "-" if column.reference else _measured_cell(kind, key, found.get(column.name) or [])
+            cells.append(new + _reported_cell(kind, key, column))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    sources = sorted({r["params"].get("data", {}).get("source", "?") for r in found.values() if r})
+    sources = sorted({r["params"].get("data", {}).get("source", "?") for runs in found.values() for r in runs})
     missing = [c.name for c in table.runnable if not found.get(c.name)]
     lines.append("")
     if table.contradictions:  # one line each, under the table
@@ -561,7 +583,7 @@ def markdown(table: Table, found: dict[str, dict | None]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(table: Table, found: dict[str, dict | None]):
+def figure(table: Table, found: dict[str, list[dict]]):
     """Grouped bars of the measured per-label AUROC, the report's figure for each as a dash on its bar."""
     import plotly.graph_objects as go
     from plotly.colors import qualitative
@@ -578,7 +600,7 @@ def figure(table: Table, found: dict[str, dict | None]):
         else:
             slot = bars.index(column)
             xs = [i - 0.4 + width * (slot + 0.5) for i in range(len(names))]
-            values = [measured("labels" if per_label else n, n, found.get(column.name)) for n in names]
+            values = [mean_of("labels" if per_label else n, n, found.get(column.name) or []) for n in names]
             fig.add_bar(x=xs, y=values, width=width, name=column.title, marker_color=color)
         report = [reported("labels" if per_label else n, n, column) for n in names]
         if any(v is not None for v in report):
@@ -591,12 +613,30 @@ def figure(table: Table, found: dict[str, dict | None]):
     return fig
 
 
-def show(name: str, out_dir: Path = Path("plots/tables")) -> str:
+def show(name: str, out_dir: Path = Path("plots/tables"), rounds: int | None = None) -> str:
+    """The table (each cell: one run, or the mean ± sd of its seeds), each column's difference against the
+    first with its 95% interval, and a verdict on each of the report's claims; also written to
+    out_dir/NAME.md, NAME.html (plotly) and NAME.json. `rounds`: of the bootstrap (params.yaml's
+    evaluate.bootstrap when None)."""
+    from experiments import evidence
+
     table = _get(name)
-    found = results(table)
-    text = markdown(table, found)
+    existing = set(_exp("list", "--name-only").stdout.split())
+    found = results(table, existing)
+    claims, against_first = [], {}
+    if rounds != 0:
+        params = P.load()
+        rounds = params["evaluate"]["bootstrap"] if rounds is None else rounds
+        runs = evidence.Runs(existing)
+        claims = evidence.claim_verdicts(table, runs, rounds, P.seed(params))
+        against_first = evidence.baseline_differences(table, runs, rounds, P.seed(params))
+    text = markdown(table, found) + evidence.markdown(claims, against_first)
     with atomic_path(out_dir / f"{name}.md") as tmp:
         tmp.write_text(text)
     with atomic_path(out_dir / f"{name}.html") as tmp:
         figure(table, found).write_html(tmp, include_plotlyjs=True)
+    with atomic_path(out_dir / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps({"table": name, "runs": {c: len(r) for c, r in found.items()},
+                                   "against_first": against_first, "claims": claims, "bootstrap_rounds": rounds},
+                                  indent=1, default=float))
     return text

@@ -125,12 +125,14 @@ def table_run(names: list[str] = typer.Argument(..., metavar="NAME", help="one o
               demo: bool = typer.Option(False, "--demo", help="the demo's small settings (synthetic data)"),
               set_param: list[str] = typer.Option([], "--set-param", "-S", help="key=value for every column"),
               jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="columns at a time, through DVC's queue "
-                                       "(1: one after another); each train and evaluate takes a GPU of its own")) -> None:
+                                       "(1: one after another); each train and evaluate takes a GPU of its own"),
+              seeds: int = typer.Option(None, "--seeds", min=1, help="run each column N times (NAME-COLUMN-s1 ... "
+                                        "-sN, run_seed 1 to N): only the training randomness differs")) -> None:
     """Run each column of a table (of several tables; all: every table) as the DVC experiment NAME-COLUMN."""
     from experiments import tables
 
     try:
-        code = tables.run(names, demo, set_param, jobs)
+        code = tables.run(names, demo, set_param, jobs, seeds)
     except (KeyError, ValueError) as error:
         typer.secho(f"error: {error.args[0]}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -139,22 +141,25 @@ def table_run(names: list[str] = typer.Argument(..., metavar="NAME", help="one o
 
 @table_app.command("show")
 def table_show(name: str, why: bool = typer.Option(False, "--why", help="where each column's settings come from: "
-                                                                         "the report's words or ours")) -> None:
-    """The table as the report lays it out, the report's figures beside; also plots/tables/NAME.{md,html}."""
+                                                                         "the report's words or ours"),
+               rounds: int = typer.Option(None, "--rounds", min=0, help="bootstrap rounds of the differences "
+                                          "(default: params.yaml's evaluate.bootstrap; 0: no differences)")) -> None:
+    """The table as the report lays it out, the report's figures beside; each column against the first with
+    a 95% interval, and a verdict on each of the report's claims; also plots/tables/NAME.{md,html,json}."""
     from rich.console import Console
     from rich.markdown import Markdown
 
     from experiments import tables
 
     try:
-        text = tables.show(name)
+        text = tables.show(name, rounds=rounds)
     except KeyError as error:
         typer.secho(f"error: {error.args[0]}", fg="red", err=True)
         raise typer.Exit(2) from None
     Console(width=200).print(Markdown(text))
     if why:
         typer.echo("\n" + tables.provenance(tables.load()[name]))
-    typer.echo(f"written: plots/tables/{name}.md, plots/tables/{name}.html")
+    typer.echo(f"written: plots/tables/{name}.md, plots/tables/{name}.html, plots/tables/{name}.json")
 
 
 @app.command()

@@ -31,7 +31,7 @@ def check(params: dict) -> tuple[dict[str, int], int]:
         # A bound keeps a typo (an extra zero or three) from building a training index that fills memory.
         P.check_number(f"resample.targets.{name}", count, low=0, high=MAX_TARGET, integer=True)
     section.finish()
-    return {name: int(n) for name, n in targets.items()}, P.seed(params)
+    return {name: int(n) for name, n in targets.items()}, P.training_seed(params)
 
 
 def resample(train: pd.DataFrame, targets: dict[str, int], seed: int) -> pd.DataFrame:

@@ -94,7 +94,7 @@ def check(params: dict) -> tuple[tasks.Task, models.ModelConfig, TrainConfig]:
         compile=s.boolean("compile"),
         device=s.choice("device", DEVICES),
         processes=s.number("processes", low=1, integer=True),
-        seed=P.seed(params),
+        seed=P.training_seed(params),
     )
     if config.class_weighting == "keras" and task.kind == "binary":  # one output: its argmax is always 0
         raise P.ParamError("train.class_weighting", "keras", "per_label for task.kind binary (Keras' rule needs one "

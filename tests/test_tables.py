@@ -49,12 +49,33 @@ def test_column_settings_beat_the_demo_which_beats_the_table():
     assert merged["train.batch_size"] == 4 and merged["seed"] == 7
 
 
+def test_a_column_of_several_seeds_shows_their_mean_and_standard_deviation():
+    table = tables.load(REPO / "tables.yaml")["head_14"]
+    runs = [{"evaluate": {"auroc_macro": macro}, "resample": {}, "params": {}} for macro in (0.80, 0.84)]
+    text = tables.markdown(table, {"single": runs, "relu-256-50": [], "relu-256-50-dropout": []})
+    assert "| Macro average AUROC | 0.820 ± 0.028 (n=2) (0.650) |" in text
+
+
+def test_with_seeds_each_column_runs_n_times_differing_only_in_run_seed(monkeypatch):
+    ran = {}
+    monkeypatch.setattr(tables, "CATALOG", REPO / "tables.yaml")
+    monkeypatch.setattr(tables, "_exp", lambda *args: subprocess.CompletedProcess(args, 0, stdout=""))
+    monkeypatch.setattr(tables, "_run_one_by_one", lambda todo: (ran.update(todo) or list(todo), []))
+    assert tables.run("binary_fibrosis", demo=True, seeds=2) == 0
+    assert sorted(ran) == ["binary_fibrosis-balanced-s1", "binary_fibrosis-balanced-s2",
+                           "binary_fibrosis-oversampled-s1", "binary_fibrosis-oversampled-s2"]
+    overrides = {exp: [o for o in args if not o.startswith("-S")] for exp, (_, args) in ran.items()}
+    assert "run_seed=2" in overrides["binary_fibrosis-balanced-s2"]
+    first, second = (set(overrides[f"binary_fibrosis-balanced-s{k}"]) for k in (1, 2))
+    assert first ^ second == {"run_seed=1", "run_seed=2"}
+
+
 def test_markdown_puts_the_reports_figure_beside_each_new_one():
     table = tables.load(REPO / "tables.yaml")["head_14"]
-    found = {"single": {"evaluate": {"loss": 0.2, "auroc_micro": 0.9, "auroc_macro": 0.85,
-                                     "auroc": {n: 0.8 for n in labels.FINDINGS}},
-                        "resample": {}, "params": {"data": {"source": "synthetic"}}},
-             "relu-256-50": None, "relu-256-50-dropout": None}
+    found = {"single": [{"evaluate": {"loss": 0.2, "auroc_micro": 0.9, "auroc_macro": 0.85,
+                                      "auroc": {n: 0.8 for n in labels.FINDINGS}},
+                         "resample": {}, "params": {"data": {"source": "synthetic"}}}],
+             "relu-256-50": [], "relu-256-50-dropout": []}
     text = tables.markdown(table, found)
     assert "| Atelectasis | 0.800 (0.640) | - (0.660) | - (0.630) |" in text
     assert "| Loss | 0.2000 (0.1578) |" in text
@@ -289,7 +310,7 @@ def test_the_binary_tables_second_figures_are_those_of_its_confusion_matrix():
 
 def test_show_prints_where_the_report_disagrees_with_itself():
     table = CATALOG["binary_fibrosis"]
-    text = tables.markdown(table, {c.name: None for c in table.runnable})
+    text = tables.markdown(table, {c.name: [] for c in table.runnable})
     assert "| accuracy | - (0.964; its matrix: 0.946) |" in text
     notes = [line for line in text.splitlines() if line.startswith("- The report disagrees with itself:")]
     assert len(notes) == 2 and "431" in notes[1] and "434" in notes[1]
@@ -308,9 +329,9 @@ def test_show_why_prints_each_columns_provenance(monkeypatch, tmp_path):
     from stages.cli import app
 
     monkeypatch.setattr(tables, "CATALOG", REPO / "tables.yaml")
-    monkeypatch.setattr(tables, "results", lambda table: {c.name: None for c in table.runnable})
+    monkeypatch.setattr(tables, "results", lambda table, existing: {c.name: [] for c in table.runnable})
     monkeypatch.chdir(tmp_path)  # show writes plots/tables/ here
-    done = CliRunner().invoke(app, ["table", "show", "head_14", "--why"])
+    done = CliRunner().invoke(app, ["table", "show", "head_14", "--why", "--rounds", "0"])
     assert done.exit_code == 0, done.output
     assert "model.head.dropout = 0.2    # 'Dropout(0.2)+ Dense(256 ...)" in done.output
     assert "crop.pixels = 224    # the Dropout(0.2) column is preprocessing's '10% 224 NoCrop RemoveBlack' run" in done.output
