@@ -148,7 +148,7 @@ def markdown(claims: list[dict], baseline: dict[str, dict]) -> str:
         lines += ["", "The report's conclusions (tables.yaml `claims`), each A against B:", "",
                   "| verdict | claim | A - B [95% interval] | metric | quote |", "|---|---|---|---|---|"]
         for c in claims:
-            relation = {"similar": f"similar to (within {c['margin']:g})"}.get(c["direction"], f"{c['direction']} than")
+            relation = f"similar to (within {c['margin']:g})" if c["direction"] == "similar" else f"{c['direction']} than"
             lines.append(f"| **{c['verdict']}** | {c['columns'][0]} {relation} {c['columns'][1]} | "
                          f"{_interval(c)} | {c['metric']} | '{c['quote']}'" + (f" ({c['note']})" if c["note"] else "")
                          + " |")

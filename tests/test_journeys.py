@@ -191,8 +191,9 @@ def test_predict_and_report_on_the_hospitals_model(workspace, standins):
 
 @pytest.mark.e2e
 def test_the_chexnet_ablation_after_a_workspace_run_leaves_a_valid_params_yaml(workspace, standins):
-    """The second workspace `dvc exp run -S` writes onto the file the first rewrote (ruamel's round trip)."""
+    """The second workspace `dvc exp run -S` writes onto the file the first rewrote (ruamel's round trip); the
+    run goes as far as the check stage, which reads every section (training DenseNet-121 adds nothing here)."""
     (command,) = journey("ablation")
-    run(workspace, command, standins, smoke=[s for s in SMOKE if not s.startswith("model.")], target="train")
+    run(workspace, command, standins, smoke=[s for s in SMOKE if not s.startswith("model.")], target="check")
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     assert params["model"]["backbone"] == "densenet121" and params["model"]["head"]["hidden"] == []
