@@ -92,6 +92,30 @@ def test_fraction_keeps_whole_patients(project, index):
         assert len(rows) == (index["patient_id"] == pid).sum()
 
 
+@pytest.mark.parametrize("method", ["official", "patient", "random"])
+def test_fraction_of_train_cuts_only_the_training_part(project, index, method):
+    """split.fraction_of: train keeps validation and test those of the whole data's split (a 10% training part
+    evaluated on the full run's test images); all (the default) cuts the data set first, so every part shrinks."""
+    whole = run_split(project, index, {"method": method})
+    tenth = run_split(project, index, {"method": method, "fraction": 0.1, "fraction_of": "train"})
+    for part in ("val", "test"):
+        assert tenth[part].equals(whole[part]), part
+    kept = tenth["train"]
+    assert set(kept["image"]) < set(whole["train"]["image"])
+    if method != "random":  # the training part's patients, whole (random leaks patients into the other parts)
+        assert abs(kept["patient_id"].nunique() - 0.1 * whole["train"]["patient_id"].nunique()) <= 1
+        for pid, rows in kept.groupby("patient_id"):
+            assert len(rows) == (whole["train"]["patient_id"] == pid).sum()
+    everything = run_split(project, index, {"method": method, "fraction": 0.1, "fraction_of": "all"})
+    assert len(everything["test"]) < 0.3 * len(whole["test"])  # the test set is cut too
+
+
+def test_fraction_of_is_all_or_train(project, index):
+    with pytest.raises(ParamError) as caught:
+        run_split(project, index, {"fraction_of": "test"})
+    assert caught.value.key == "split.fraction_of" and "all, train" in str(caught.value)
+
+
 def test_stratified_split_spreads_rare_labels(project, index):
     parts = run_split(project, index, {"method": "patient", "stratify": True})
     for name in ("Hernia", "Pneumonia", "Fibrosis"):
