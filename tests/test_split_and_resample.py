@@ -162,3 +162,26 @@ def test_resample_stage_writes_the_report_table(project, index):
     assert table["Hernia"]["target"] == 50 and table["Hernia"]["after"] >= 50
     assert table["Atelectasis"]["target"] == "same"
     assert len(pd.read_csv(project / "data/resample/train.csv")) > len(index) - 1
+
+
+def test_unique_counts_are_images_with_that_label_alone():
+    frame = pd.Series(["Hernia", "Hernia|Mass", "No Finding", "Mass", "Mass", "Effusion|Mass|Nodule"])
+    counts = resample.unique_counts(frame)
+    assert (counts["Hernia"], counts["Mass"], counts["No Finding"], counts["Nodule"]) == (1, 2, 1, 0)
+    assert set(counts) == set(labels.ALL_LABELS)
+
+
+def test_resample_metrics_hold_the_reports_unique_label_counts_before_and_after(project, index):
+    """The report's 15-label resampling table has 'Total occurrence of a unique label in original dataset'
+    beside the label counts: images whose only label is that one."""
+    (project / "data/split").mkdir(parents=True)
+    index.to_csv(project / "data/split/train.csv", index=False)
+    resample.main(write_params(project, {"resample": {"targets": {"Hernia": 50, "No Finding": 800}}}))
+    table = json.loads((project / "metrics/resample.json").read_text())["labels"]
+    after = pd.read_csv(project / "data/resample/train.csv")
+    for name in ("Hernia", "Effusion", "No Finding"):
+        assert table[name]["unique_before"] == int((index["labels"] == name).sum())
+        assert table[name]["unique_after"] == int((after["labels"] == name).sum())
+        assert table[name]["unique_before"] <= table[name]["before"]
+    assert table["No Finding"]["unique_before"] == table["No Finding"]["before"]
+    assert table["No Finding"]["unique_after"] == 800
