@@ -541,8 +541,12 @@ def _measured_cell(kind: str, key: str, runs: list[dict]) -> str:
 
 
 def _reported_cell(kind: str, key: str, column: Column) -> str:
-    """The report's figure in brackets; a binary figure that its own confusion matrix contradicts gets both."""
+    """The report's figure in brackets; a binary figure that its own confusion matrix contradicts gets both. A
+    reference column (figures only: the CheXNet paper) has no figure of this repo's: its cell is its source's
+    figure, named by the column's title ("0.841 (CheXNet paper)"), not the report's in brackets."""
     old = reported(kind, key, column)
+    if column.reference:
+        return "-" if old is None else f"{_fmt(old, kind)} ({column.title})"
     if old is None:
         return ""
     derived = (column.report.get("binary_from_matrix") or {}).get(key) if kind == "binary" else None
@@ -560,14 +564,14 @@ def _fmt(value, kind: str = "") -> str:
 def markdown(table: Table, found: dict[str, list[dict]]) -> str:
     header = ["", *[c.title + (" [ours: not in the report]" if c.ours else "") for c in table.columns]]
     lines = [f"### {table.title}", "", "Each cell: this repo's figure, or its mean ± standard deviation over n training "
-             "runs (seeds) (the report's in brackets).", "",
+             "runs (seeds) (the report's in brackets); a reference column's cells: its source's figures, named.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for kind, key in row_names(table):
         label = {"loss": "Loss", "micro": "Micro average AUROC", "macro": "Macro average AUROC",
                  "counts": f"{key} (training images)"}.get(kind, key)
         cells = []
         for column in table.columns:
-            new = "-" if column.reference else _measured_cell(kind, key, found.get(column.name) or [])
+            new = "" if column.reference else _measured_cell(kind, key, found.get(column.name) or [])
             cells.append(new + _reported_cell(kind, key, column))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     sources = sorted({r["params"].get("data", {}).get("source", "?") for runs in found.values() for r in runs})

@@ -384,6 +384,18 @@ def test_show_prints_where_the_report_disagrees_with_itself():
     assert len(notes) == 2 and "431" in notes[1] and "434" in notes[1]
 
 
+def test_a_reference_columns_figures_are_shown_as_its_sources_not_the_reports():
+    """The CheXNet paper's macro 0.841 is not printed in the report: no brackets (the report's), the source named."""
+    table = CATALOG["final_vs_chexnet"]
+    text = tables.markdown(table, {c.name: [] for c in table.runnable})
+    macro = next(line for line in text.splitlines() if line.startswith("| Macro average AUROC |"))
+    cells = [cell.strip() for cell in macro.strip("|").split("|")][1:]
+    assert cells[0] == "0.841 (CheXNet paper)"
+    assert cells[1:] == ["-", "-", "-"]  # not run, and no figure of the report's
+    assert "| Hernia | 0.916 (CheXNet paper) | - (0.480) |" in text
+    assert "(0.841)" not in text
+
+
 def test_the_column_this_repo_adds_is_marked_and_has_no_figures():
     table = CATALOG["optimizer_14"]
     ours = [c for c in table.columns if c.ours]
