@@ -385,15 +385,18 @@ def test_show_prints_where_the_report_disagrees_with_itself():
 
 
 def test_a_reference_columns_figures_are_shown_as_its_sources_not_the_reports():
-    """The CheXNet paper's macro 0.841 is not printed in the report: no brackets (the report's), the source named."""
+    """The CheXNet paper's macro 0.841 is not printed in the report: no brackets (the report's figures), the source
+    named in the column's header."""
     table = CATALOG["final_vs_chexnet"]
     text = tables.markdown(table, {c.name: [] for c in table.runnable})
+    assert "| CheXNet paper's figures [reference: figures only, not run] |" in text
     macro = next(line for line in text.splitlines() if line.startswith("| Macro average AUROC |"))
-    cells = [cell.strip() for cell in macro.strip("|").split("|")][1:]
-    assert cells[0] == "0.841 (CheXNet paper)"
-    assert cells[1:] == ["-", "-", "-"]  # not run, and no figure of the report's
-    assert "| Hernia | 0.916 (CheXNet paper) | - (0.480) |" in text
+    assert [cell.strip() for cell in macro.strip("|").split("|")][1:] == ["0.841", "-", "-", "-"]
+    assert "| Hernia | 0.916 | - (0.480) |" in text
     assert "(0.841)" not in text
+    resampling = CATALOG["resampling_15"]  # a reference column whose source is the report
+    text = tables.markdown(resampling, {c.name: [] for c in resampling.runnable})
+    assert "| Hernia (training images) | - (151) | 65 | - (4,118) |" in text
 
 
 def test_the_column_this_repo_adds_is_marked_and_has_no_figures():
