@@ -541,8 +541,13 @@ def _measured_cell(kind: str, key: str, runs: list[dict]) -> str:
 
 
 def _reported_cell(kind: str, key: str, column: Column) -> str:
-    """The report's figure in brackets; a binary figure that its own confusion matrix contradicts gets both."""
+    """The report's figure in brackets; a binary figure that its own confusion matrix contradicts gets both. A
+    reference column (figures only, e.g. the CheXNet paper's) has no figure of this repo's: its cell is the figure
+    of the source that its title names, without brackets (which would make it the report's: the paper's macro
+    0.841 is not in the report)."""
     old = reported(kind, key, column)
+    if column.reference:
+        return _fmt(old, kind)
     if old is None:
         return ""
     derived = (column.report.get("binary_from_matrix") or {}).get(key) if kind == "binary" else None
@@ -558,16 +563,17 @@ def _fmt(value, kind: str = "") -> str:
 
 
 def markdown(table: Table, found: dict[str, list[dict]]) -> str:
-    header = ["", *[c.title + (" [ours: not in the report]" if c.ours else "") for c in table.columns]]
+    header = ["", *[c.title + (" [ours: not in the report]" if c.ours else "")
+                    + (" [reference: figures only, not run]" if c.reference else "") for c in table.columns]]
     lines = [f"### {table.title}", "", "Each cell: this repo's figure, or its mean ± standard deviation over n training "
-             "runs (seeds) (the report's in brackets).", "",
+             "runs (seeds) (the report's in brackets); a reference column: the figures of the source its title names.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for kind, key in row_names(table):
         label = {"loss": "Loss", "micro": "Micro average AUROC", "macro": "Macro average AUROC",
                  "counts": f"{key} (training images)"}.get(kind, key)
         cells = []
         for column in table.columns:
-            new = "-" if column.reference else _measured_cell(kind, key, found.get(column.name) or [])
+            new = "" if column.reference else _measured_cell(kind, key, found.get(column.name) or [])
             cells.append(new + _reported_cell(kind, key, column))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     sources = sorted({r["params"].get("data", {}).get("source", "?") for runs in found.values() for r in runs})
@@ -604,7 +610,7 @@ def figure(table: Table, found: dict[str, list[dict]]):
             fig.add_bar(x=xs, y=values, width=width, name=column.title, marker_color=color)
         report = [reported("labels" if per_label else n, n, column) for n in names]
         if any(v is not None for v in report):
-            fig.add_scatter(x=xs, y=report, mode="markers", name=f"report: {column.title}",
+            fig.add_scatter(x=xs, y=report, mode="markers", name=column.title if column.reference else f"report: {column.title}",
                             marker={"symbol": "star" if column.reference else "line-ew-open", "size": 14,
                                     "color": color, "line": {"width": 3}})
     fig.update_layout(title=table.title, barmode="overlay", yaxis_title="test AUROC", yaxis_range=[0, 1.02],

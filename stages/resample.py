@@ -3,7 +3,9 @@
 Labels above their target are undersampled (random images carrying them are dropped), then labels
 below it are oversampled with replacement, rarest first. Images carry several labels, so a label
 may end above its target through the images added for another; the metrics show before, target
-and after, laid out like the report's resampling tables. Empty targets: the training part as is.
+and after, laid out like the report's resampling tables, and beside them the images that carry that
+label alone (unique_before, unique_after: the report's 'Total occurrence of a unique label'). Empty
+targets: the training part as is.
 Outputs: data/resample/train.csv, metrics/resample.json.
 """
 
@@ -55,13 +57,23 @@ def resample(train: pd.DataFrame, targets: dict[str, int], seed: int) -> pd.Data
     return train.iloc[np.sort(np.asarray(picked, dtype=int))].reset_index(drop=True)
 
 
+def unique_counts(finding_labels: pd.Series) -> dict[str, int]:
+    """How many images carry each label and no other (the report's 'Total occurrence of a unique label'; every
+    No Finding image is one)."""
+    sets = [L.split_labels(text) for text in finding_labels]
+    alone = pd.Series([names[0] for names in sets if len(names) == 1], dtype=object).value_counts()
+    return {name: int(alone.get(name, 0)) for name in L.ALL_LABELS}
+
+
 def main(params_path: str = P.PARAMS_FILE, split_dir: Path = Path("data/split"), out: Path = Path("data/resample"),
          metrics: Path = Path("metrics/resample.json")) -> None:
     targets, seed = check(P.load(params_path))
     train = read_csv(split_dir / "train.csv")
     after = resample(train, targets, seed)
     before_counts, after_counts = L.counts(train["labels"]), L.counts(after["labels"])
-    table = {name: {"before": before_counts[name], "target": targets.get(name, "same"), "after": after_counts[name]}
+    alone_before, alone_after = unique_counts(train["labels"]), unique_counts(after["labels"])
+    table = {name: {"before": before_counts[name], "target": targets.get(name, "same"), "after": after_counts[name],
+                    "unique_before": alone_before[name], "unique_after": alone_after[name]}
              for name in L.ALL_LABELS}
     write_csv(out / "train.csv", after)
     write_json(metrics, {"images_before": len(train), "images_after": len(after), "labels": table})

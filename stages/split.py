@@ -6,7 +6,9 @@
   train_val; with image counts in `split.official.sizes`, each part is exactly that many images, drawn by
   patient within its list (the report's findings-only table: 32,400 / 3,620 / 15,731).
 `split.drop_no_finding` first drops the images labelled only No Finding; `split.fraction` then keeps a
-patient-grouped subset (the report's 10% runs).
+patient-grouped subset (the report's 10% runs): of all the images before the split (`split.fraction_of: all`,
+the report's '10% dataset'), or of the training part only after it (`train`: validation and test stay as the
+whole data's split makes them).
 Outputs: data/split/{train,val,test}.csv, metrics/split.json.
 """
 
@@ -25,6 +27,7 @@ from cxr14.atomic import read_csv, write_csv, write_json
 
 PARTS = ("train", "val", "test")
 METHODS = ("random", "patient", "official")
+FRACTION_OF = ("all", "train")  # split.fraction: a share of the whole data set, or of the training part only
 
 
 @dataclass
@@ -35,6 +38,7 @@ class SplitConfig:
     val_fraction: float
     drop_no_finding: bool
     fraction: float
+    fraction_of: str    # all: a subset before the split | train: the training part's subset after it
     stratify: bool
     seed: int
 
@@ -64,6 +68,7 @@ def check(params: dict) -> SplitConfig:
         method=method, sizes=sizes, counts=counts, val_fraction=val_fraction,
         drop_no_finding=section.boolean("drop_no_finding"),
         fraction=section.number("fraction", low=0, high=1, low_open=True),
+        fraction_of=section.choice("fraction_of", FRACTION_OF),
         stratify=section.boolean("stratify"),
         seed=P.seed(params),
     )
@@ -161,7 +166,8 @@ def split(index: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
     rng = np.random.default_rng([config.seed, 4])
     if config.drop_no_finding:
         index = index[index["labels"] != L.NO_FINDING]
-    index = subset_patients(index, config.fraction, rng)
+    if config.fraction_of == "all":
+        index = subset_patients(index, config.fraction, rng)
     strata = patient_strata(index) if config.stratify and config.method != "random" else None  # random: no groups
     if config.method == "random":
         order = rng.permutation(len(index))
@@ -188,6 +194,8 @@ def split(index: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
         where = assign_patients(pd.Series(train_val), [1 - config.val_fraction, config.val_fraction], rng, strata)
         part = np.where(test, 2, index["patient_id"].map(where).fillna(0).to_numpy()).astype(int)
     parts = {name: index[part == i].reset_index(drop=True) for i, name in enumerate(PARTS)}
+    if config.fraction_of == "train":  # after every draw above: validation and test are the whole data's
+        parts["train"] = subset_patients(parts["train"], config.fraction, rng).reset_index(drop=True)
     empty = [name for name, rows in parts.items() if rows.empty]
     if empty:  # found here, not later in train or evaluate
         key, value = ("split.official.val_fraction", config.val_fraction) if config.method == "official" \

@@ -92,6 +92,30 @@ def test_fraction_keeps_whole_patients(project, index):
         assert len(rows) == (index["patient_id"] == pid).sum()
 
 
+@pytest.mark.parametrize("method", ["official", "patient", "random"])
+def test_fraction_of_train_cuts_only_the_training_part(project, index, method):
+    """split.fraction_of: train keeps validation and test those of the whole data's split (a 10% training part
+    evaluated on the full run's test images); all (the default) cuts the data set first, so every part shrinks."""
+    whole = run_split(project, index, {"method": method})
+    tenth = run_split(project, index, {"method": method, "fraction": 0.1, "fraction_of": "train"})
+    for part in ("val", "test"):
+        assert tenth[part].equals(whole[part]), part
+    kept = tenth["train"]
+    assert set(kept["image"]) < set(whole["train"]["image"])
+    if method != "random":  # the training part's patients, whole (random leaks patients into the other parts)
+        assert abs(kept["patient_id"].nunique() - 0.1 * whole["train"]["patient_id"].nunique()) <= 1
+        for pid, rows in kept.groupby("patient_id"):
+            assert len(rows) == (whole["train"]["patient_id"] == pid).sum()
+    everything = run_split(project, index, {"method": method, "fraction": 0.1, "fraction_of": "all"})
+    assert len(everything["test"]) < 0.3 * len(whole["test"])  # the test set is cut too
+
+
+def test_fraction_of_is_all_or_train(project, index):
+    with pytest.raises(ParamError) as caught:
+        run_split(project, index, {"fraction_of": "test"})
+    assert caught.value.key == "split.fraction_of" and "all, train" in str(caught.value)
+
+
 def test_stratified_split_spreads_rare_labels(project, index):
     parts = run_split(project, index, {"method": "patient", "stratify": True})
     for name in ("Hernia", "Pneumonia", "Fibrosis"):
@@ -138,3 +162,26 @@ def test_resample_stage_writes_the_report_table(project, index):
     assert table["Hernia"]["target"] == 50 and table["Hernia"]["after"] >= 50
     assert table["Atelectasis"]["target"] == "same"
     assert len(pd.read_csv(project / "data/resample/train.csv")) > len(index) - 1
+
+
+def test_unique_counts_are_images_with_that_label_alone():
+    frame = pd.Series(["Hernia", "Hernia|Mass", "No Finding", "Mass", "Mass", "Effusion|Mass|Nodule"])
+    counts = resample.unique_counts(frame)
+    assert (counts["Hernia"], counts["Mass"], counts["No Finding"], counts["Nodule"]) == (1, 2, 1, 0)
+    assert set(counts) == set(labels.ALL_LABELS)
+
+
+def test_resample_metrics_hold_the_reports_unique_label_counts_before_and_after(project, index):
+    """The report's 15-label resampling table has 'Total occurrence of a unique label in original dataset'
+    beside the label counts: images whose only label is that one."""
+    (project / "data/split").mkdir(parents=True)
+    index.to_csv(project / "data/split/train.csv", index=False)
+    resample.main(write_params(project, {"resample": {"targets": {"Hernia": 50, "No Finding": 800}}}))
+    table = json.loads((project / "metrics/resample.json").read_text())["labels"]
+    after = pd.read_csv(project / "data/resample/train.csv")
+    for name in ("Hernia", "Effusion", "No Finding"):
+        assert table[name]["unique_before"] == int((index["labels"] == name).sum())
+        assert table[name]["unique_after"] == int((after["labels"] == name).sum())
+        assert table[name]["unique_before"] <= table[name]["before"]
+    assert table["No Finding"]["unique_before"] == table["No Finding"]["before"]
+    assert table["No Finding"]["unique_after"] == 800
