@@ -536,8 +536,8 @@ def _measured_cell(kind: str, key: str, runs: list[dict]) -> str:
     values = [v for v in (measured(kind, key, r) for r in runs) if v is not None]
     if len(values) < 2:
         return _fmt(values[0] if values else None, kind)
-    decimals = 4 if kind == "loss" else 3
-    return f"{np.mean(values):.{decimals}f} ± {np.std(values, ddof=1):.{decimals}f} (n={len(values)})"
+    decimals = 1 if all(float(v).is_integer() for v in values) else 4 if kind == "loss" else 3  # counts: 629.5 ± 0.7
+    return f"{np.mean(values):,.{decimals}f} ± {np.std(values, ddof=1):,.{decimals}f} (n={len(values)})"
 
 
 def _reported_cell(kind: str, key: str, column: Column) -> str:
