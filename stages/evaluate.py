@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from dvclive import Live
 
-from cxr14 import gpus, models, packed_images, tasks
+from cxr14 import gpus, model_file, packed_images, tasks
 from cxr14 import metrics as M
 from cxr14 import params as P
 from cxr14.atomic import read_csv, write_csv, write_json
@@ -58,14 +58,11 @@ def threshold_rule(value) -> str | float:
 def load_model(path: Path, task: tasks.Task, device: str) -> tuple[torch.nn.Module, int, Runtime]:
     """The trained network, its input side, and the runtime to run it in: evaluate.device, and the
     precision it was trained with (train.precision, recorded in the model file)."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if saved["task"] != asdict(task):
-        raise P.ParamError("task", asdict(task), f"the task the model in {path} was trained for: {saved['task']}")
-    runtime = decide(device, saved["precision"], key="evaluate.device")
-    config = models.ModelConfig(**{**saved["model"], "pretrained": "none"})
-    net = models.create_model(config, len(saved["names"]), saved["input_size"])
-    net.load_state_dict(saved["state_dict"])
-    return runtime.place(net).eval(), saved["input_size"], runtime
+    trained = model_file.load(path)
+    if trained.task != asdict(task):
+        raise P.ParamError("task", asdict(task), f"the task the model in {path} was trained for: {trained.task}")
+    runtime = decide(device, trained.precision, key="evaluate.device")
+    return runtime.place(trained.net).eval(), trained.input_size, runtime
 
 
 def top_label_confusion(y: np.ndarray, p: np.ndarray, names: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -142,7 +139,7 @@ def write_plots(live_dir: Path, task: tasks.Task, result: dict, y_val, p_val, y,
 
 
 def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), split_dir: Path = Path("data/split"),
-         model_path: Path = Path("data/train/model.pt"), out: Path = Path("data/evaluate"),
+         model_path: Path = Path(model_file.PATH), out: Path = Path("data/evaluate"),
          metrics_path: Path = Path("metrics/evaluate.json"), live_dir: Path = Path("plots/evaluate")) -> None:
     task, config = check(P.load(params_path))
     with gpus.held(config["device"], 1, "evaluate.device"):  # a GPU of its own while it predicts (cxr14/gpus.py)

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import ImageDraw
 
+from cxr14 import backbones, cam, gpus, model_file, models, packed_images, progress
 from cxr14 import boxes as B
-from cxr14 import cam, gpus, models, packed_images, progress
 from cxr14 import localize as L
 from cxr14 import params as P
 from cxr14.atomic import atomic_path, read_csv, write_json
@@ -86,11 +86,11 @@ def check(params: dict) -> LocalizeConfig:
     )
     section.finish()
     model = models.check(params)
-    if method == "cam" and (model.hidden or (model.backbone in ("vgg16", "mobilenet_v3_small") and model.top != "pooled")):
+    if method == "cam" and (model.hidden or model.top not in backbones.get(model.backbone).cam_tops):
         raise P.ParamError("localize.method", "cam", "gradcam: plain CAM needs the pooled conv features followed by one "
                            f"linear layer, and the model has model.head.hidden = {model.hidden}, model.top = {model.top} "
-                           f"({model.backbone}); set model.head.hidden: [] (and model.top: pooled for vgg16 and "
-                           "mobilenet_v3_small) or use gradcam")
+                           f"({model.backbone}); set model.head.hidden: [] (and model.top: pooled for "
+                           f"{' and '.join(backbones.pooled_for_cam())}) or use gradcam")
     return config
 
 
@@ -101,14 +101,12 @@ def _original_side(params: dict) -> int:
     return NIH_SIDE
 
 
-def load_model(path: Path, device: str) -> tuple[torch.nn.Module, list[str], int, torch.device]:
-    """The trained network in eval mode (fp32: gradients want it), its label names, its input side, its device."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    runtime = decide(device, "fp32", key="localize.device")
-    config = models.ModelConfig(**{**saved["model"], "pretrained": "none"})
-    net = models.create_model(config, len(saved["names"]), saved["input_size"])
-    net.load_state_dict(saved["state_dict"])
-    return net.to(runtime.device).eval(), list(saved["names"]), saved["input_size"], runtime.device
+def load_model(path: Path, device: str) -> tuple[model_file.TrainedModel, torch.device]:
+    """The trained model, its network in eval mode in fp32 (gradients want it) on localize.device; that device."""
+    trained = model_file.load(path)
+    where = decide(device, "fp32", key="localize.device").device
+    trained.net.to(where)
+    return trained, where
 
 
 def pairs_to_score(test: pd.DataFrame, truth: pd.DataFrame, names: list[str], findings: list[str]) -> tuple[pd.DataFrame, dict]:
@@ -128,26 +126,25 @@ def pairs_to_score(test: pd.DataFrame, truth: pd.DataFrame, names: list[str], fi
     return pairs.sort_values(["label", "image"], ignore_index=True), counts
 
 
-def heatmaps(net, images, pairs: pd.DataFrame, names: list[str], size: int, device: torch.device,
+def heatmaps(model: model_file.TrainedModel, images, pairs: pd.DataFrame, device: torch.device,
              method: str) -> tuple[np.ndarray, np.ndarray]:
     """Each pair's heatmap at the target layer's grid [n, h, w], and upsampled to the packed side S [n, S, S]."""
     x = torch.from_numpy(np.ascontiguousarray(images[pairs["row"].to_numpy()])).unsqueeze(1).to(device)
-    grid = cam.class_heatmaps(net, prepare(x, size, None, None), [names.index(n) for n in pairs["label"]], method,
-                              upsample=False)
+    grid = cam.class_heatmaps(model.net, model.config.backbone, prepare(x, model.input_size, None, None),
+                              [model.names.index(n) for n in pairs["label"]], method, upsample=False)
     return grid.cpu().numpy(), _resize(grid, images.shape[-1]).cpu().numpy()
 
 
-def score_all(net, images, pairs: pd.DataFrame, names: list[str], size: int, device: torch.device, truth: pd.DataFrame,
+def score_all(model: model_file.TrainedModel, images, pairs: pd.DataFrame, device: torch.device, truth: pd.DataFrame,
               crop: L.Crop, config: LocalizeConfig, bar, task) -> tuple[pd.DataFrame, pd.DataFrame, tuple[int, int]]:
     """Scores of the heatmaps and of the random baseline, batch by batch (no heatmap is kept), and the heatmap grid."""
-    grid = feature_grid(net, size, device, config.method)
+    grid = feature_grid(model, device, config.method)
     grouped = boxes_by_pair(truth)
     ours, chance = [], []
     for start in range(0, len(pairs), config.batch_size):
         chunk = pairs.iloc[start:start + config.batch_size]
         keys = list(range(start, start + len(chunk)))
-        ours.append(score(chunk, keys, *heatmaps(net, images, chunk, names, size, device, config.method), grouped, crop,
-                          config))
+        ours.append(score(chunk, keys, *heatmaps(model, images, chunk, device, config.method), grouped, crop, config))
         noise = L.random_heatmaps(keys, grid, config.seed)
         chance.append(score(chunk, keys, noise, _resize(torch.from_numpy(noise).float(), images.shape[-1]).numpy(),
                             grouped, crop, config))
@@ -155,13 +152,14 @@ def score_all(net, images, pairs: pd.DataFrame, names: list[str], size: int, dev
     return pd.concat(ours, ignore_index=True), pd.concat(chance, ignore_index=True), grid
 
 
-def feature_grid(net, size: int, device: torch.device, method: str) -> tuple[int, int]:
-    """The spatial size of the heatmap's layer for a `size` input (the random baseline is drawn at it)."""
+def feature_grid(model: model_file.TrainedModel, device: torch.device, method: str) -> tuple[int, int]:
+    """The spatial size of the heatmap's layer for the network's input side (the random baseline is drawn at it)."""
     seen = []
-    handle = cam.target_layer(net, method).register_forward_hook(lambda m, a, output: seen.append(output.shape[-2:]))
+    layer = cam.target_layer(model.net, model.config.backbone, method)
+    handle = layer.register_forward_hook(lambda m, a, output: seen.append(output.shape[-2:]))
     try:
         with torch.no_grad():
-            net(torch.zeros(1, 3, size, size, device=device))
+            model.net(torch.zeros(1, 3, model.input_size, model.input_size, device=device))
     finally:
         handle.remove()
     return tuple(int(v) for v in seen[0])
@@ -285,7 +283,7 @@ def empty_result(config: LocalizeConfig, counts: dict, note: str) -> dict:
 
 
 def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), split_dir: Path = Path("data/split"),
-         raw: Path = Path("data/raw"), model_path: Path = Path("data/train/model.pt"),
+         raw: Path = Path("data/raw"), model_path: Path = Path(model_file.PATH),
          metrics_path: Path = Path("metrics/localize.json"), gallery_dir: Path = Path("plots/localize")) -> None:
     config = check(P.load(params_path))
     truth = B.read(raw / "bboxes.csv")
@@ -293,7 +291,8 @@ def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), sp
     images = packed_images.load(cropped / packed_images.IMAGES_FILE)
     crop = L.Crop(config.original_side, config.original_side, config.fraction, images.shape[-1])
     with gpus.held(config.device, 1, "localize.device"):
-        net, names, size, device = load_model(model_path, config.device)
+        model, device = load_model(model_path, config.device)
+        names = list(model.names)
         pairs, counts = pairs_to_score(test, truth, names, config.findings)
         truth = truth[truth["label"].isin(config.findings)]
         for name in counts["findings_not_predicted"]:
@@ -309,10 +308,10 @@ def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), sp
             return
         with progress.items() as bar:
             task = bar.add_task(f"localize: {config.method} heatmaps", total=-(-len(pairs) // config.batch_size))
-            scores, random_scores, grid = score_all(net, images, pairs, names, size, device, truth, crop, config, bar, task)
+            scores, random_scores, grid = score_all(model, images, pairs, device, truth, crop, config, bar, task)
         picks = gallery_picks(scores, config.gallery)
         chosen = pairs.iloc[[pair for _, _, pair in picks]]
-        drawn = [heatmaps(net, images, chosen.iloc[i:i + config.batch_size], names, size, device, config.method)
+        drawn = [heatmaps(model, images, chosen.iloc[i:i + config.batch_size], device, config.method)
                  for i in range(0, len(chosen), config.batch_size)]
     result = {"method": config.method, **counts, "boxes_scored": len(scores), "images_scored": int(pairs["image"].nunique()),
               "heatmap_grid": list(grid), "note": "",

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from dvclive import Live
 
-from cxr14 import gpus, models, packed_images, tasks
+from cxr14 import backbones, gpus, model_file, models, packed_images, tasks
 from cxr14 import metrics as M
 from cxr14 import params as P
 from cxr14.atomic import atomic_path, read_csv
@@ -142,6 +142,7 @@ def fit(params: dict, images_path: Path, train_csv: Path, val_csv: Path, out: Pa
     live = Live(str(live_dir), resume=run.resumed, save_dvc_exp=False, dvcyaml=None) if runtime.lead else None
     weights, pos_weight = loss_weights(task, config, parts.y_train, runtime.device)
     loss_of = partial(loss_fn, weights=weights, pos_weight=pos_weight, weighting=config.class_weighting)
+    auxiliary_weight = backbones.get(model_config.backbone).auxiliary_loss_weight
     generator = torch.Generator(device=runtime.device)
     val_batches = Batches(parts.images, parts.val["row"].to_numpy(), parts.y_val,
                           batch_order(len(parts.val), config.batch_size, None), runtime.device)
@@ -153,7 +154,8 @@ def fit(params: dict, images_path: Path, train_csv: Path, val_csv: Path, out: Pa
         generator.manual_seed(config.seed * 100_019 + epoch)
         title = f"epoch {epoch + 1}/{config.epochs} ({run.state.phase})"
         train_loss, rate = train_one_epoch(run.runner, run.optimizer, epoch_batches(parts, config, runtime, epoch),
-                                           parts.size, config.augment, generator, loss_of, runtime, epoch, title)
+                                           parts.size, config.augment, generator, loss_of, auxiliary_weight, runtime,
+                                           epoch, title)
         val_loss, scores = validate(run.net, val_batches, parts.size, task, runtime)
         lr = run.optimizer.param_groups[0]["lr"]
         decide_epoch(run, config, runtime, val_loss, scores, save_best, log)
@@ -266,9 +268,8 @@ def decide_epoch(run: Run, config: TrainConfig, runtime: Runtime, val_loss: floa
 
 def save_model(params: dict, task: tasks.Task, model_config: models.ModelConfig, config: TrainConfig, size: int,
                path: Path, weights: dict, epoch: int) -> None:
-    """The best model so far, with what evaluate needs to rebuild and run it as it was trained."""
-    save({"state_dict": weights, "task": asdict(task), "model": asdict(model_config), "input_size": size,
-          "names": list(task.names), "epoch": epoch, "precision": config.precision, "params": params}, path)
+    """The best model so far, with what evaluate needs to rebuild and run it as it was trained (cxr14/model_file.py)."""
+    model_file.save(path, weights, task, model_config, size, config.precision, epoch, params)
 
 
 def log_epoch(live: Live, state: TrainState, values: dict, log) -> None:
@@ -283,14 +284,11 @@ def log_epoch(live: Live, state: TrainState, values: dict, log) -> None:
 
 
 def save_checkpoint(run: Run, stamp: str, complete: bool, path: Path) -> None:
-    save({"fingerprint": stamp, "complete": complete, "state": asdict(run.state), "best_weights": run.best_weights,
-          "model": run.net.state_dict(), "optimizer": run.optimizer.state_dict(),
-          "scheduler": run.scheduler.state_dict() if run.scheduler else None}, path)
-
-
-def save(obj, path: Path) -> None:
+    checkpoint = {"fingerprint": stamp, "complete": complete, "state": asdict(run.state), "best_weights": run.best_weights,
+                  "model": run.net.state_dict(), "optimizer": run.optimizer.state_dict(),
+                  "scheduler": run.scheduler.state_dict() if run.scheduler else None}
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        torch.save(checkpoint, tmp)
 
 
 def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), resampled: Path = Path("data/resample"),
