@@ -179,7 +179,7 @@ def part_b(part: Part, dry: bool, repo: Path, env: dict) -> None:
 
 def part_c(part: Part, dry: bool, repo: Path, env: dict) -> None:
     small = [a for k, v in small_settings(dry).items() for a in ("-S", f"{k}={v}")]
-    command = [sys.executable, "-m", "stages", "table", "run", "optimizer_15", "--demo", *small, "--jobs", "2"]
+    command = [sys.executable, "-m", "cli", "table", "run", "optimizer_15", "--demo", *small, "--jobs", "2"]
     code, output, part.seconds = run(command, LIMITS["c"], cwd=repo, env=env)
     if code == 124:
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True)

@@ -1,5 +1,6 @@
 """dvc.yaml tells the truth: each stage's code deps are exactly the project files its module imports,
-no stage imports another, and imports flow one way (stages -> library; tools -> library)."""
+no stage imports another (but the check, which runs their checks), and imports flow one way (cli -> stages and
+tools -> library)."""
 
 import copy
 import re
@@ -13,12 +14,12 @@ from .conftest import REPO
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = list(DVC_YAML["stages"])
-PROCESSING = STAGES[1:]  # after `check`, which runs every stage's params check through the CLI
+PROCESSING = STAGES[1:]  # after `check`, which runs every stage's params check
 PIPELINE = [f"stages/{name}.py" for name in PROCESSING]
 
 
 def module_of(dvc_yaml: dict, stage: str) -> str:
-    """The module a stage's cmd runs: `python -m stages.crop` -> stages.crop, `python -m stages check` -> stages.__main__."""
+    """The module a stage's cmd runs: `python -m stages.crop` -> stages.crop, `python -m pkg` -> pkg.__main__."""
     module = re.search(r"-m (\S+)", dvc_yaml["stages"][stage]["cmd"]).group(1)
     return module if "." in module else f"{module}.__main__"
 
@@ -40,8 +41,7 @@ def mismatches(dvc_yaml: dict) -> dict[str, dict[str, list[str]]]:
 def test_the_pipeline_has_the_check_then_the_stages_in_order():
     assert STAGES == ["check", "download", "weights", "filter", "crop", "split", "resample", "train", "evaluate",
                       "localize"]
-    assert DVC_YAML["stages"]["check"]["cmd"] == "python -m stages check"
-    for stage in PROCESSING:
+    for stage in STAGES:
         assert DVC_YAML["stages"][stage]["cmd"] == f"python -m stages.{stage}"
 
 
@@ -84,10 +84,25 @@ def test_the_library_imports_neither_stages_nor_tools():
         assert not [f for f in imported if not f.startswith("cxr14/")], module.name
 
 
+def test_the_check_runs_every_stages_check():
+    from stages import check
+
+    assert {stage.__name__ for stage in check.STAGES} == {f"stages.{s}" for s in PROCESSING}
+
+
 def test_the_tools_import_no_stage_module():
     for module in sorted((REPO / "experiments").glob("*.py")):
         imported = imports.project_files(f"experiments.{module.stem}")
         assert not set(imported) & set(PIPELINE), module.name
+
+
+@pytest.mark.parametrize("package", ["stages", "experiments"])
+def test_the_command_line_is_the_top_layer_and_no_stage_imports_the_tools(package):
+    """cli imports stages and experiments; stages import neither (so a stage's deps never hold the tools)."""
+    above = ("cli/",) if package == "experiments" else ("cli/", "experiments/")
+    for module in sorted((REPO / package).glob("*.py")):
+        imported = imports.project_files(f"{package}.{module.stem}")
+        assert not [f for f in imported if f.startswith(above)], f"{package}/{module.name}"
 
 
 def test_imports_are_found_wherever_they_are_written(tmp_path):

@@ -139,8 +139,8 @@ def run(folder: Path, command: str, standins: dict[str, Path], smoke: list[str] 
         command = re.sub(re.escape(path) + r"(?=/|\s|$)", str(standin), command)
     args = shlex.split(command)
     if args[0] == "cxr":
-        args = [sys.executable, "-m", "stages", *args[1:]]
-    if args[:3] == ["dvc", "exp", "run"] or args[1:4] == ["-m", "stages", "table"]:
+        args = [sys.executable, "-m", "cli", *args[1:]]
+    if args[:3] == ["dvc", "exp", "run"] or args[1:4] == ["-m", "cli", "table"]:
         args += [a for item in smoke for a in ("-S", item)] + ([target] if target else [])
     done = subprocess.run(args, cwd=folder, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{' '.join(args)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

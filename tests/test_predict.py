@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from cli.app import app
 from cxr14 import models
 from cxr14 import predict as P
 from cxr14.batches import prepare
 from cxr14.images import crop_resize
 from stages import train
-from stages.cli import app
 
 from .conftest import params_with
 

@@ -66,7 +66,7 @@ SMOKE = ["data.synthetic.images=300", "data.synthetic.image_size=64", "data.synt
 
 
 def cxr(folder, *args, check=True, env=None):
-    done = subprocess.run([sys.executable, "-m", "stages", *args], cwd=folder, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "cli", *args], cwd=folder, capture_output=True, text=True,
                           timeout=900, env=env)
     if check:
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -181,8 +181,8 @@ def test_a_column_that_lost_dvcs_run_cache_race_is_told_from_one_that_failed():
     raced = ("Running stage 'filter':\n> python -m stages.filter\nfilter: kept 299 of 300 images\n"
              "ERROR: failed to reproduce 'filter': [Errno 2] No such file or directory: '/tmp/q/repo/.dvc/cache/runs/"
              "a9/a9ca8774d896c30c66662d9d1c9ec3769a16255e2d85c73e84ccfc2c3a31e4f4/.5JeA7oArAJtiNUWhntgpdg.tmp'\n")
-    own = ("Running stage 'check':\n> python -m stages check\nerror: params.yaml: model.pretrained = 'imagenet' is not "
-           "valid\nERROR: failed to reproduce 'check': failed to run: python -m stages check, exited with 2\n")
+    own = ("Running stage 'check':\n> python -m stages.check\nerror: params.yaml: model.pretrained = 'imagenet' is not "
+           "valid\nERROR: failed to reproduce 'check': failed to run: python -m stages.check, exited with 2\n")
     missing_data = "ERROR: failed to reproduce 'crop': [Errno 2] No such file or directory: 'data/raw/archives/x.tar.gz'\n"
     assert tables.lost_a_run_cache_race(raced)
     assert not tables.lost_a_run_cache_race(own) and not tables.lost_a_run_cache_race(missing_data)
@@ -305,7 +305,7 @@ def test_the_column_this_repo_adds_is_marked_and_has_no_figures():
 def test_show_why_prints_each_columns_provenance(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    from stages.cli import app
+    from cli.app import app
 
     monkeypatch.setattr(tables, "CATALOG", REPO / "tables.yaml")
     monkeypatch.setattr(tables, "results", lambda table: {c.name: None for c in table.runnable})
