@@ -36,13 +36,14 @@ class ModelConfig:
 
 def check(params: dict) -> ModelConfig:
     section = P.section(params, "model")
+    backbone, pretrained = _backbone(section)
     head = section.section("head")
     hidden = head.get("hidden")
     if not isinstance(hidden, list) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
         raise P.ParamError("model.head.hidden", hidden, "a list of layer sizes such as [256, 50], or [] for one linear layer")
     config = ModelConfig(
-        backbone=section.choice("backbone", BACKBONES),
-        pretrained=section.choice("pretrained", PRETRAINED),
+        backbone=backbone,
+        pretrained=pretrained,
         top=section.choice("top", TOPS),
         hidden=hidden,
         dropout=head.number("dropout", low=0, high=1, high_open=True),  # 1 drops every feature
@@ -51,6 +52,16 @@ def check(params: dict) -> ModelConfig:
     head.finish()
     section.finish()
     return config
+
+
+def check_backbone(params: dict) -> tuple[str, str]:
+    """model.backbone and model.pretrained, and no other key: all the weights stage reads (so dvc.yaml declares
+    only these two for it, and a new head does not rerun it)."""
+    return _backbone(P.section(params, "model"))
+
+
+def _backbone(section: P.Section) -> tuple[str, str]:
+    return section.choice("backbone", BACKBONES), section.choice("pretrained", PRETRAINED)
 
 
 def input_size(config: ModelConfig, packed_size: int) -> int:

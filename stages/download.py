@@ -53,7 +53,7 @@ FEW_POSITIVES = 10  # fewer positive images of a label than this: its AUROC is u
 class DataConfig:
     source: str
     local_dir: str | None
-    metadata: str | None  # None = NIH's Data_Entry_2017_v2020.csv.gz
+    metadata: str  # NIH's data/reference/Data_Entry_2017_v2020.csv.gz, or the user's own CSV (source local)
     archives_table: str
     archives: list[str] | None  # None = all
     verify_md5: bool
@@ -77,24 +77,19 @@ def check(params: dict) -> DataConfig:
     if source == "local" and not Path(local_dir).expanduser().is_dir():
         raise P.ParamError("data.local_dir", local_dir, "the folder holding your NIH archives or PNGs (data.source is "
                                                         "local), but there is no folder there")
-    metadata = data.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, str) or not metadata.strip():
-            raise P.ParamError("data.metadata", metadata, "null (NIH's metadata) or the path of your Data_Entry-style CSV")
-        if source != "local":
-            raise P.ParamError("data.metadata", metadata, f"null with data.source {source} (its images are NIH's, listed "
-                                                          "by NIH's metadata); your own CSV goes with data.source local")
-        if not Path(metadata).expanduser().is_file():
-            raise P.ParamError("data.metadata", metadata, "the path of your Data_Entry-style CSV, but no file is there "
-                                                          "(or null for NIH's metadata)")
+    metadata = tracked_file(data, "metadata", "the path of NIH's metadata (data/reference/Data_Entry_2017_v2020.csv.gz) "
+                                              "or of your own Data_Entry-style CSV")
+    if source != "local" and not md.is_nih_metadata(metadata):
+        raise P.ParamError("data.metadata", metadata, f"NIH's metadata, {md.REFERENCE / md.METADATA_FILE}, with data.source "
+                                                      f"{source} (its images are NIH's, listed by NIH's metadata); your own "
+                                                      "CSV goes with data.source local")
     dl = data.section("download")
     archives = dl.get("archives")
     if archives != "all" and not (isinstance(archives, list) and all(isinstance(a, str) for a in archives)):
         raise P.ParamError("data.download.archives", archives, "all, or a list of archive names such as [images_001.tar.gz]")
+    table_path = tracked_file(dl, "archives_table", "the path of the archive table, such as "
+                                                    "data/reference/nih_image_archives.tsv")
     if source == "nih" and archives != "all":  # the table is small: names it lacks are found now, not in the stage
-        table_path = dl.get("archives_table")
-        if not isinstance(table_path, str):
-            raise P.ParamError("data.download.archives_table", table_path, "the path of the archive table")
         table = md.read_archive_table(table_path)
         unknown = sorted(set(archives) - set(table["archive"]))
         if unknown:
@@ -105,7 +100,7 @@ def check(params: dict) -> DataConfig:
     syn = data.section("synthetic")
     config = DataConfig(
         source=source, local_dir=local_dir, metadata=metadata,
-        archives_table=dl.get("archives_table"),
+        archives_table=table_path,
         archives=None if archives == "all" else archives,
         verify_md5=dl.boolean("verify_md5"),
         workers=dl.number("workers", low=1, integer=True),
@@ -121,6 +116,20 @@ def check(params: dict) -> DataConfig:
     for section in (dl, syn, data):
         section.finish()
     return config
+
+
+def tracked_file(section: P.Section, name: str, valid: str) -> str:
+    """A file that a param names and dvc.yaml makes a dep of this stage (`${data....}`), so that an edit of the
+    file reruns it: it must be there, at a path DVC reads as the stage does (DVC does not expand ~)."""
+    path = section.get(name)
+    if not isinstance(path, str) or not path.strip():
+        raise P.ParamError(section.key(name), path, valid)
+    if path.startswith("~"):
+        raise P.ParamError(section.key(name), path, f"{valid}, written out: DVC, which tracks the file, does not "
+                                                    f"expand ~ ({Path(path).expanduser()})")
+    if not Path(path).is_file():
+        raise P.ParamError(section.key(name), path, f"{valid}, but no file is there")
+    return path
 
 
 # ---------------------------------------------------------------- nih: resumable, verified downloads
@@ -379,7 +388,7 @@ def write_local_note(directory: Path, local_dir: str) -> None:
 
 
 def _none_listed_hint(config: DataConfig) -> str:
-    if config.metadata:
+    if not md.is_nih_metadata(config.metadata):
         return (f"{config.metadata} (data.metadata): its Image Index column must hold the PNG file names, "
                 "such as 00000001_000.png")
     csvs = sorted(str(p) for p in Path(config.local_dir).expanduser().rglob("*.csv"))
@@ -410,7 +419,7 @@ def few_positives(found: pd.DataFrame) -> dict[str, int]:
 def main(params_path: str = P.PARAMS_FILE, out: Path = RAW, metrics: Path = Path("metrics/download.json")) -> None:
     config = check(P.load(params_path))
     metadata = md.read_metadata(config.metadata)
-    check_labels(metadata, config.metadata or str(md.REFERENCE / md.METADATA_FILE))
+    check_labels(metadata, config.metadata)
     archives_dir = out / "archives"
     unlisted = 0
     try:

@@ -54,7 +54,7 @@ class WeightsConfig:
 
 
 def check(params: dict) -> WeightsConfig:
-    model = models.check(params)
+    backbone, pretrained = models.check_backbone(params)
     section = P.section(params, "weights")
     mirror = section.get("mirror")
     if mirror is not None and (not isinstance(mirror, str) or not mirror.startswith(("http://", "https://"))):
@@ -62,7 +62,7 @@ def check(params: dict) -> WeightsConfig:
                                                      "that serves torchvision's file names")
     section.finish()
     download = P.section(params, "data").section("download")  # the download stage checks the whole of it
-    return WeightsConfig(model.backbone, model.pretrained, mirror,
+    return WeightsConfig(backbone, pretrained, mirror,
                          retries=download.number("retries", low=0, integer=True),
                          backoff=download.number("backoff_seconds", low=0),
                          timeout=download.number("timeout_seconds", low=0, low_open=True))

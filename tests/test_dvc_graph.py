@@ -130,3 +130,57 @@ def test_the_trained_model_is_declared_a_dvc_model_artifact():
     assert artifact.type == "model" and artifact.desc and artifact.labels
     train = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
     assert artifact.path in [next(iter(out)) if isinstance(out, dict) else out for out in train["outs"]]
+
+
+# ---------------------------------------------------------------- params: what each stage reads, dvc.yaml declares
+
+
+def keys_read(check, params: dict, monkeypatch) -> set[str]:
+    """The params keys `check(params)` reads, through cxr14.params (Section.get and seed), as dotted leaves."""
+    from cxr14 import params as P
+
+    read: set[str] = set()
+    get, seed = P.Section.get, P.seed
+
+    def recorded_get(self, name):
+        read.add(self.key(name))
+        return get(self, name)
+
+    def recorded_seed(params):
+        read.add("seed")
+        return seed(params)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(P.Section, "get", recorded_get)
+        patch.setattr(P, "seed", recorded_seed)
+        check(params)
+    return {key for key in read if not any(other.startswith(key + ".") for other in read)}  # sections read: leaves
+
+
+def covers(declared: str, key: str) -> bool:
+    return key == declared or key.startswith(declared + ".")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_declares_exactly_the_params_it_reads(stage, monkeypatch):
+    """Each stage's check reads its params (its main calls it first, and reads nothing else through cxr14.params):
+    the keys it reads, on the committed params.yaml and on the tests' synthetic one, are those dvc.yaml declares
+    for it, a declared section covering its keys. Not counted: the train stage's resume fingerprint hashes the
+    upstream stages' sections too (they reach it through its data deps), and the model file records the whole
+    params as a note of the run."""
+    import importlib
+
+    from cxr14.params import load
+
+    from .conftest import params_with
+
+    check = importlib.import_module(module_of(DVC_YAML, stage)).check
+    read = keys_read(check, load(REPO / "params.yaml"), monkeypatch) | keys_read(check, params_with(), monkeypatch)
+    declared = DVC_YAML["stages"][stage]["params"]
+    assert sorted(k for k in read if not any(covers(d, k) for d in declared)) == [], "read, not declared"
+    assert [d for d in declared if not any(covers(d, k) for k in read)] == [], "declared, never read"
+
+
+def test_the_files_that_params_name_are_deps_of_the_stage_that_reads_them():
+    deps = DVC_YAML["stages"]["download"]["deps"]
+    assert "${data.metadata}" in deps and "${data.download.archives_table}" in deps
