@@ -27,16 +27,15 @@ from cxr14 import metadata as md
 from cxr14 import synthetic
 from cxr14.atomic import read_csv
 
-from .conftest import REPO, working_tree_copy
+from .conftest import REPO, preset_overrides, working_tree_copy
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 MARKER = re.compile(r"^<!-- (journey: [\w-]+|not run by tests: [^>]+) -->$")
 FENCE = re.compile(r"^```(bash|sh|shell|console)\s*$")
 
-# Smoke scale for every journey's dvc exp run: small images, a tiny network from scratch, one epoch.
-SMOKE = ["crop.pixels=32", "crop.workers=1", "model.backbone=resnet18", "model.pretrained=none", "model.head.hidden=[]",
-         "model.head.dropout=0.0", "train.epochs=1", "train.optimizer=adam", "evaluate.bootstrap=20",
-         "localize.gallery=0"]
+# Smoke scale for every journey's dvc exp run (presets/demo.yaml and smoke.yaml): small images, a tiny network
+# from scratch, two epochs; the data are the journey's own.
+SMOKE = preset_overrides("demo", "smoke", leave_out=("data.",))
 
 
 def shell_blocks() -> list[tuple[Path, int, str, str]]:

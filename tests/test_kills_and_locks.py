@@ -17,7 +17,7 @@ import pytest
 from cxr14.atomic import atomic_path
 from stages import crop
 
-from .conftest import REPO, working_tree_copy, write_params
+from .conftest import REPO, preset_overrides, working_tree_copy, write_params
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -313,8 +313,7 @@ def test_a_stage_finds_the_dvc_process_that_runs_it():
     assert outside.stdout.strip() == "None"
 
 
-SMOKE = ["data.source=synthetic", "data.synthetic.images=200", "data.synthetic.image_size=64",
-         "data.synthetic.min_positives_per_label=5", "model.pretrained=none", "crop.workers=1"]
+SMOKE = preset_overrides("demo", "smoke")
 SECOND_WRITER = """import yaml
 params = yaml.safe_load(open("params.yaml"))
 params["filter"]["views"] = ["PA"]

@@ -9,7 +9,7 @@ import pytest
 from dvc.utils.hydra import apply_overrides
 
 from cxr14 import params as P
-from experiments import demo, tables
+from experiments import demo, presets, tables
 
 from .conftest import REPO
 
@@ -17,8 +17,13 @@ from .conftest import REPO
 FIRST = {"data.source": "synthetic", "data.synthetic.image_size": 128, "crop.pixels": 64, "model.pretrained": "none"}
 
 
+# Every preset (presets/*.yaml): the demo's, and each of the others on top of it.
+PRESETS = [("demo",)] + [("demo", path.stem) for path in sorted(presets.FOLDER.glob("*.yaml")) if path.stem != "demo"]
+
+
 def override_sets() -> list[tuple[str, dict]]:
-    sets = [("demo", demo.DEMO), ("chexnet-ablation", {"model.backbone": "densenet121", "model.head.hidden": []})]
+    sets = [(f"preset-{'+'.join(names)}", presets.load(*names)) for names in PRESETS]
+    sets.append(("chexnet-ablation", {"model.backbone": "densenet121", "model.head.hidden": []}))
     for table in tables.load().values():
         for column in table.columns:
             if not column.reference:
@@ -55,3 +60,12 @@ def test_comments_stay_on_their_own_lines():
     for number, line in enumerate((REPO / "params.yaml").read_text().splitlines(), 1):
         code = line.split("#", 1)[0]
         assert "#" not in line or not code.strip(), f"params.yaml line {number}: put the comment on its own line above"
+
+
+@pytest.mark.parametrize("names", PRESETS, ids="+".join)
+def test_every_preset_sets_keys_of_params_yaml_to_values_every_stage_accepts(names):
+    from stages import check
+
+    settings, base = presets.load(*names), P.load(REPO / "params.yaml")
+    assert [key for key in settings if key not in P.flatten(base)] == []
+    check.check(P.apply(base, settings))

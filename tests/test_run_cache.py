@@ -12,7 +12,7 @@ from dvc.stage.cache import _get_cache_hash
 
 from cxr14 import params as P
 
-from .conftest import REPO, working_tree_copy
+from .conftest import REPO, preset_overrides, working_tree_copy
 
 
 def run_cache_key(params: dict) -> str:
@@ -66,8 +66,7 @@ def test_the_guard_catches_a_key_dvc_ignores():
     assert run_cache_key(P.apply(params, {"crop.fraction": 0.5})) != run_cache_key(params)
 
 
-SMOKE = ["data.source=synthetic", "data.synthetic.images=200", "data.synthetic.image_size=64",
-         "data.synthetic.min_positives_per_label=5", "model.pretrained=none", "crop.workers=1"]
+SMOKE = preset_overrides("demo", "smoke")
 
 
 def crop_run(folder, pixels: int) -> str:

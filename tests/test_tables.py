@@ -15,7 +15,7 @@ from experiments import demo as demo_settings
 from experiments import tables
 from stages import crop, download, evaluate, filter, resample, split, train
 
-from .conftest import REPO, working_tree_copy
+from .conftest import REPO, preset_overrides, working_tree_copy
 from .test_journeys import journey
 
 CHECKS = (download, filter, crop, split, resample, train, evaluate)
@@ -61,8 +61,7 @@ def test_markdown_puts_the_reports_figure_beside_each_new_one():
     assert "say nothing about NIH" in text and "Not run yet: relu-256-50, relu-256-50-dropout" in text
 
 
-SMOKE = ["data.synthetic.images=300", "data.synthetic.image_size=64", "data.synthetic.min_positives_per_label=10",
-         "crop.pixels=32", "train.epochs=2", "train.switch.epoch=1", "evaluate.bootstrap=20"]
+SMOKE = preset_overrides("smoke")  # on top of --demo, which applies presets/demo.yaml
 
 
 def cxr(folder, *args, check=True, env=None):
