@@ -31,15 +31,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cxr14 import params as P  # noqa: E402
+from cxr14.params import PARAMS_FILE, apply, load  # noqa: E402
 
 REPORT_TARGETS = {"Cardiomegaly": 3500, "Consolidation": 3500, "Edema": 3500, "Emphysema": 3500, "Fibrosis": 3500,
                   "Hernia": 2500, "Pleural_Thickening": 3500, "Pneumonia": 3500, "No Finding": 30000}
 
 
 def full_scale_params(args) -> dict:
-    committed = P.load(REPO / P.PARAMS_FILE)
-    return P.apply(committed, {
+    committed = load(REPO / PARAMS_FILE)
+    return apply(committed, {
         "data.source": "synthetic",
         "data.synthetic.images": 112_120,
         "data.synthetic.image_size": args.size,

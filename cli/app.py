@@ -166,30 +166,30 @@ def predict(
     written (checked before any image is read)."""
     from pathlib import Path
 
-    from cxr14 import predict as P
+    from cxr14 import predict
 
     if device not in ("auto", "cpu", "cuda"):
         typer.secho(f"error: --device {device}: expected auto, cpu or cuda", fg="red", err=True)
         raise typer.Exit(2)
     for option, value, folder in (("--out", out, False), ("--heatmaps", heatmaps, True)):
-        if value and (why := P.cannot_write(value, folder)):  # before the model and the images, not after
+        if value and (why := predict.cannot_write(value, folder)):  # before the model and the images, not after
             typer.secho(f"error: {option} {value}: {why}", fg="red", err=True)
             raise typer.Exit(2)
     try:
-        predictor = P.load_model(model, device)
-    except P.PredictError as error:
+        predictor = predict.load_model(model, device)
+    except predict.PredictError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(2) from None
-    files, problems = P.find_images(paths)
+    files, problems = predict.find_images(paths)
     for path, why in problems.items():
         typer.secho(f"error: {path}: {why}", fg="red", err=True)
     typer.echo(f"predict: {len(files)} file{'' if len(files) == 1 else 's'} with {predictor.source} "
                f"(center {predictor.fraction:g} -> {predictor.crop_size} px, network {predictor.input_size} px, "
                f"{predictor.runtime.device})")
-    results = P.predict(predictor, files, batch_size, Path(heatmaps) if heatmaps else None, top)
-    results += [P.Result(path, None, why) for path, why in problems.items()]
-    P.print_summary(results, predictor.names, predictor.source)
-    written = P.write(results, predictor.names, out)
+    results = predict.predict(predictor, files, batch_size, Path(heatmaps) if heatmaps else None, top)
+    results += [predict.Result(path, None, why) for path, why in problems.items()]
+    predict.print_summary(results, predictor.names, predictor.source)
+    written = predict.write(results, predictor.names, out)
     read = sum(r.error is None for r in results)
     typer.echo(f"written: {written} ({read} predicted, {len(results) - read} unreadable)"
                + (f"; heatmaps in {heatmaps}" if heatmaps and read else ""))

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cxr14 import backbones
-from cxr14 import params as P
 from cxr14.backbones import TOPS
+from cxr14.params import ParamError, Section, section
 
 if TYPE_CHECKING:
     from torch import nn
@@ -35,32 +35,32 @@ class ModelConfig:
 
 
 def check(params: dict) -> ModelConfig:
-    section = P.section(params, "model")
-    backbone, pretrained = _backbone(section)
-    head = section.section("head")
+    settings = section(params, "model")
+    backbone, pretrained = _backbone(settings)
+    head = settings.section("head")
     hidden = head.get("hidden")
     if not isinstance(hidden, list) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-        raise P.ParamError("model.head.hidden", hidden, "a list of layer sizes such as [256, 50], or [] for one linear layer")
+        raise ParamError("model.head.hidden", hidden, "a list of layer sizes such as [256, 50], or [] for one linear layer")
     config = ModelConfig(
         backbone=backbone,
         pretrained=pretrained,
-        top=section.choice("top", TOPS),
+        top=settings.choice("top", TOPS),
         hidden=hidden,
         dropout=head.number("dropout", low=0, high=1, high_open=True),  # 1 drops every feature
-        input_size=section.optional_number("input_size", low=16, integer=True),
+        input_size=settings.optional_number("input_size", low=16, integer=True),
     )
     head.finish()
-    section.finish()
+    settings.finish()
     return config
 
 
 def check_backbone(params: dict) -> tuple[str, str]:
     """model.backbone and model.pretrained, and no other key: all the weights stage reads (so dvc.yaml declares
     only these two for it, and a new head does not rerun it)."""
-    return _backbone(P.section(params, "model"))
+    return _backbone(section(params, "model"))
 
 
-def _backbone(section: P.Section) -> tuple[str, str]:
+def _backbone(section: Section) -> tuple[str, str]:
     return section.choice("backbone", BACKBONES), section.choice("pretrained", PRETRAINED)
 
 
@@ -71,7 +71,7 @@ def input_size(config: ModelConfig, packed_size: int) -> int:
     size = config.input_size or backbones.get(config.backbone).input_size or packed_size
     low = torchvision.models.get_model_weights(config.backbone).DEFAULT.meta.get("min_size", (1, 1))[0]
     if size < low:
-        raise P.ParamError("model.input_size", size, f"at least {low} pixels for {config.backbone}")
+        raise ParamError("model.input_size", size, f"at least {low} pixels for {config.backbone}")
     return size
 
 
@@ -89,7 +89,7 @@ def imagenet_weights(backbone: str, folder: Path):
     weights = torchvision.models.get_model_weights(backbone).DEFAULT
     path = weights_file(backbone, folder)
     if not path.exists():
-        raise P.ParamError(
+        raise ParamError(
             "model.pretrained", "imagenet",
             f"weights on disk: {path} is missing; run the weights stage first (`dvc repro weights` or `cxr weights`: "
             f"it fetches {path.name} from {weights.url}), or set model.pretrained: none to train {backbone} "

@@ -36,9 +36,8 @@ from typing import Any
 import typer
 import yaml
 
-from cxr14 import params as P
 from cxr14.atomic import write_json
-from cxr14.params import PARAMS_FILE, ParamError, StageError
+from cxr14.params import PARAMS_FILE, ParamError, StageError, flatten, parse
 
 LOCK_FILE = Path("data/.stage.lock")
 # What each running `dvc repro` / `dvc exp run` found in the params file when its first stage started: one
@@ -117,12 +116,12 @@ def snapshot(params: str | os.PathLike) -> dict[str, Any] | None:
     except OSError:
         return None
     try:
-        data = P.parse(raw.decode("utf-8"), params)
+        data = parse(raw.decode("utf-8"), params)
     except (UnicodeDecodeError, yaml.YAMLError, ParamError):
         data = None
     if not isinstance(data, dict):
         return {BYTES: hashlib.sha256(raw).hexdigest()}
-    return json.loads(json.dumps(P.flatten(data), default=str))
+    return json.loads(json.dumps(flatten(data), default=str))
 
 
 def difference(before: dict[str, Any], after: dict[str, Any] | None, when: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cxr14 import params as P
+from cxr14.params import parse
 
 FOLDER = Path(__file__).resolve().parents[1] / "presets"
 
@@ -25,7 +25,7 @@ def load(*names: str) -> dict[str, Any]:
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in FOLDER.glob("*.yaml")))
             raise FileNotFoundError(f"{path}: no such preset; the presets are {known}")
-        settings = P.parse(path.read_text(), path) or {}
+        settings = parse(path.read_text(), path) or {}
         if not isinstance(settings, dict):
             raise ValueError(f"{path}: expected a mapping of dotted keys (train.epochs: 2) to values")
         merged.update(settings)

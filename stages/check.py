@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cxr14 import params as P
 from cxr14.atomic import atomic_path
+from cxr14.params import PARAMS_FILE, load
 from stages import crop, download, evaluate, filter, localize, resample, split, train, weights
 
 CHECKED = Path("data/check/params.ok")
@@ -24,8 +24,8 @@ def check(params: dict) -> None:
         stage.check(params)
 
 
-def main(params_path: str = P.PARAMS_FILE, out: Path = CHECKED) -> None:
-    params = P.load(params_path)
+def main(params_path: str = PARAMS_FILE, out: Path = CHECKED) -> None:
+    params = load(params_path)
     check(params)
     wanted = weights.check(params)
     if wanted.pretrained == "imagenet":  # can the weights stage get them? Say so now, not after a 45 GB download

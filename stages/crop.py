@@ -31,9 +31,9 @@ from isal import isal_zlib
 from PIL import Image
 
 from cxr14 import packed_images, progress
-from cxr14 import params as P
 from cxr14.atomic import atomic_path, read_csv, write_csv, write_json
 from cxr14.images import crop_box, crop_resize, iter_archive, open_image, resize_box
+from cxr14.params import PARAMS_FILE, StageError, load, section
 from cxr14.stage import worker_process
 
 # A batch, what a reader hands to a decoder: at most BATCH_IMAGES PNGs (few, so that the decoders finish
@@ -54,14 +54,14 @@ class CropConfig:
 
 
 def check(params: dict) -> CropConfig:
-    section = P.section(params, "crop")
+    settings = section(params, "crop")
     config = CropConfig(
-        fraction=section.number("fraction", low=0, high=1, low_open=True),
-        pixels=section.number("pixels", low=8, integer=True),
-        workers=section.number("workers", low=0, integer=True),
-        skip_unreadable=section.boolean("skip_unreadable"),
+        fraction=settings.number("fraction", low=0, high=1, low_open=True),
+        pixels=settings.number("pixels", low=8, integer=True),
+        workers=settings.number("workers", low=0, integer=True),
+        skip_unreadable=settings.boolean("skip_unreadable"),
     )
-    section.finish()
+    settings.finish()
     return config
 
 
@@ -150,7 +150,7 @@ def _report(results, error: Exception) -> None:
     try:
         pickle.loads(pickle.dumps(error))
     except Exception:
-        error = P.StageError(f"{type(error).__name__}: {error}")
+        error = StageError(f"{type(error).__name__}: {error}")
     results.put(("error", error))
 
 
@@ -210,8 +210,8 @@ def _next_message(results, processes: list) -> tuple:
     while True:
         for process in processes:
             if process.exitcode not in (None, 0):
-                raise P.StageError(f"a crop worker process ({process.name}) died: out of memory? Set "
-                                   "crop.workers lower and run again")
+                raise StageError(f"a crop worker process ({process.name}) died: out of memory? Set "
+                                 "crop.workers lower and run again")
         try:
             return results.get(timeout=0.1)
         except queue.Empty:
@@ -292,13 +292,13 @@ def check_space(path: Path, needed: int) -> None:
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise P.StageError(f"{path} needs {needed:,} bytes and {folder} has {free:,} free: free some space "
-                           "(or set crop.pixels smaller)")
+        raise StageError(f"{path} needs {needed:,} bytes and {folder} has {free:,} free: free some space "
+                         "(or set crop.pixels smaller)")
 
 
-def main(params_path: str = P.PARAMS_FILE, raw: Path = Path("data/raw"), filtered: Path = Path("data/filter"),
+def main(params_path: str = PARAMS_FILE, raw: Path = Path("data/raw"), filtered: Path = Path("data/filter"),
          out: Path = Path("data/crop"), metrics: Path = Path("metrics/crop.json")) -> None:
-    config = check(P.load(params_path))
+    config = check(load(params_path))
     index = read_csv(filtered / "index.csv")
     sources = pd.read_csv(raw / "sources.csv", dtype=str, keep_default_na=False)
     rows = {name: i for i, name in enumerate(index["image"])}
@@ -311,20 +311,20 @@ def main(params_path: str = P.PARAMS_FILE, raw: Path = Path("data/raw"), filtere
             packed_images.create(tmp, len(index), config.pixels).flush()
             seen, failed = crop_sources(sources, rows, tmp, config.fraction, config.pixels, workers, progress.items())
         except OSError as error:  # a full or read-only disk, here or in a worker
-            raise P.StageError(f"writing {tmp}: {error.strerror or error} (the packed array needs "
-                               f"{packed_images.nbytes(len(index), config.pixels):,} bytes)") from None
+            raise StageError(f"writing {tmp}: {error.strerror or error} (the packed array needs "
+                             f"{packed_images.nbytes(len(index), config.pixels):,} bytes)") from None
         twice = sorted(name for name, count in seen.items() if count > 1)
         if twice:  # which copy would win depends on worker timing: never guess
-            raise P.StageError(f"{len(twice)} images are in more than one source listed in {raw / 'sources.csv'}, "
-                               f"e.g. {twice[:5]}: keep one copy of each")
+            raise StageError(f"{len(twice)} images are in more than one source listed in {raw / 'sources.csv'}, "
+                             f"e.g. {twice[:5]}: keep one copy of each")
         missing = sorted(set(rows) - set(seen))
         if missing:
             raise FileNotFoundError(f"{len(missing)} kept images are in no source listed in {raw / 'sources.csv'}, "
                                     f"e.g. {missing[:5]}")
         if failed and not config.skip_unreadable:
             name, why = next(iter(sorted(failed.items())))
-            raise P.StageError(f"{len(failed)} unreadable images, e.g. {name}: {why}. "
-                               "Set crop.skip_unreadable: true to skip them (the count is recorded).")
+            raise StageError(f"{len(failed)} unreadable images, e.g. {name}: {why}. "
+                             "Set crop.skip_unreadable: true to skip them (the count is recorded).")
     kept = index.assign(row=np.arange(len(index)))[~index["image"].isin(failed)]
     write_csv(out / "index.csv", kept.reset_index(drop=True))
     write_json(metrics, {"images": len(kept), "skipped_unreadable": len(failed), "pixels": config.pixels,

@@ -14,29 +14,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr14 import labels as L
-from cxr14 import params as P
+from cxr14 import labels
 from cxr14.atomic import read_csv, write_csv, write_json
+from cxr14.params import PARAMS_FILE, ParamError, check_number, load, section, seed
 
 MAX_TARGET = 1_000_000  # images per label; NIH has 112,120 images in all
 
 
 def check(params: dict) -> tuple[dict[str, int], int]:
-    section = P.section(params, "resample")
-    targets = section.get("targets") or {}  # `targets:` left empty is off too
+    settings = section(params, "resample")
+    targets = settings.get("targets") or {}  # `targets:` left empty is off too
     if not isinstance(targets, dict):
-        raise P.ParamError("resample.targets", targets, "a mapping of label to image count, such as {Hernia: 2500}")
+        raise ParamError("resample.targets", targets, "a mapping of label to image count, such as {Hernia: 2500}")
     for name, count in targets.items():
-        L.check_label(name, f"resample.targets.{name}")
+        labels.check_label(name, f"resample.targets.{name}")
         # A bound keeps a typo (an extra zero or three) from building a training index that fills memory.
-        P.check_number(f"resample.targets.{name}", count, low=0, high=MAX_TARGET, integer=True)
-    section.finish()
-    return {name: int(n) for name, n in targets.items()}, P.seed(params)
+        check_number(f"resample.targets.{name}", count, low=0, high=MAX_TARGET, integer=True)
+    settings.finish()
+    return {name: int(n) for name, n in targets.items()}, seed(params)
 
 
 def resample(train: pd.DataFrame, targets: dict[str, int], seed: int) -> pd.DataFrame:
     rng = np.random.default_rng([seed, 5])
-    carries = pd.DataFrame(L.encode(train["labels"], L.ALL_LABELS).astype(bool), columns=L.ALL_LABELS)
+    carries = pd.DataFrame(labels.encode(train["labels"], labels.ALL_LABELS).astype(bool), columns=labels.ALL_LABELS)
     keep = np.ones(len(train), dtype=bool)
     for name, target in targets.items():  # undersample first, so oversampled copies are never dropped
         rows = np.flatnonzero(keep & carries[name].to_numpy())
@@ -55,14 +55,14 @@ def resample(train: pd.DataFrame, targets: dict[str, int], seed: int) -> pd.Data
     return train.iloc[np.sort(np.asarray(picked, dtype=int))].reset_index(drop=True)
 
 
-def main(params_path: str = P.PARAMS_FILE, split_dir: Path = Path("data/split"), out: Path = Path("data/resample"),
+def main(params_path: str = PARAMS_FILE, split_dir: Path = Path("data/split"), out: Path = Path("data/resample"),
          metrics: Path = Path("metrics/resample.json")) -> None:
-    targets, seed = check(P.load(params_path))
+    targets, seed = check(load(params_path))
     train = read_csv(split_dir / "train.csv")
     after = resample(train, targets, seed)
-    before_counts, after_counts = L.counts(train["labels"]), L.counts(after["labels"])
+    before_counts, after_counts = labels.counts(train["labels"]), labels.counts(after["labels"])
     table = {name: {"before": before_counts[name], "target": targets.get(name, "same"), "after": after_counts[name]}
-             for name in L.ALL_LABELS}
+             for name in labels.ALL_LABELS}
     write_csv(out / "train.csv", after)
     write_json(metrics, {"images_before": len(train), "images_after": len(after), "labels": table})
     print(f"resample: {len(train)} -> {len(after)} training images" + (" (no targets)" if not targets else ""))

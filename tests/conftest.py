@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr14 import params as P
+from cxr14.params import PARAMS_FILE, apply, flatten, load
 from experiments import presets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,12 +30,12 @@ def preset_overrides(*names: str, leave_out: tuple[str, ...] = ()) -> list[str]:
     from experiments.demo import overrides
 
     settings = {k: v for k, v in presets.load(*names).items() if not k.startswith(leave_out)}
-    return overrides(settings, P.load(REPO / P.PARAMS_FILE))
+    return overrides(settings, load(REPO / PARAMS_FILE))
 
 
 def params_with(changes: dict | None = None) -> dict:
     """params.yaml + TEST_SCALE + `changes` (nested, such as {"train": {"epochs": 1}}, or dotted keys)."""
-    return P.apply(P.apply(P.load(REPO / P.PARAMS_FILE), TEST_SCALE), P.flatten(changes or {}))
+    return apply(apply(load(REPO / PARAMS_FILE), TEST_SCALE), flatten(changes or {}))
 
 
 def write_params(folder: Path, changes: dict | None = None) -> str:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from cxr14 import packed_images
 from cxr14.atomic import read_csv, write_csv
-from cxr14.images import crop_resize, open_png
+from cxr14.images import crop_resize, open_image
 from cxr14.params import StageError
 from stages import crop
 
@@ -99,12 +99,19 @@ def crop_folder(folder, archives: list[dict[str, bytes]], loose: dict[str, bytes
     return read_csv(folder / "crop/index.csv"), np.array(packed_images.load(folder / "crop/images.npy"))
 
 
+
+def whole_decode(data: bytes, fraction: float, size: int) -> np.ndarray:
+    """Pillow's decode of the whole PNG, then crop_resize: what crop_png falls back to, and must equal."""
+    image = open_image(data)
+    image.load()
+    return crop_resize(image, fraction, size)
+
 @pytest.mark.parametrize("fraction, size", [(0.75, 16), (1.0, 64), (0.5, 120), (0.75, 300)],
                          ids=["reduce", "whole", "enlarge", "nih"])
 def test_crop_png_gives_the_pixels_of_crop_resize(fraction, size):
     pngs = {**varied_pngs(12), "1024x1024.png": png(Image.fromarray(gray(1024, 1024, 5)))}
     for name, data in pngs.items():
-        assert np.array_equal(crop.crop_png(data, fraction, size), crop_resize(open_png(data), fraction, size)), name
+        assert np.array_equal(crop.crop_png(data, fraction, size), whole_decode(data, fraction, size)), name
 
 
 @pytest.mark.parametrize("cut", [0.5, 0.95, 0.999])
@@ -112,7 +119,7 @@ def test_a_cut_png_fails_as_the_whole_decode_does(cut):
     data = png(Image.fromarray(gray(160, 200, 1)))
     data = data[:int(len(data) * cut)]
     with pytest.raises(Exception) as whole:
-        crop_resize(open_png(data), 0.75, 32)
+        whole_decode(data, 0.75, 32)
     with pytest.raises(type(whole.value), match=re.escape(str(whole.value))):
         crop.crop_png(data, 0.75, 32)
 
@@ -130,7 +137,7 @@ def test_damaged_image_data_gives_what_the_whole_decode_gives(where, fraction):
     body[spot:spot + 8] = b"\xff" * 8
     damaged = data[:41] + bytes(body) + struct.pack(">I", zlib.crc32(b"IDAT" + bytes(body))) + data[45 + length:]
     try:
-        whole = crop_resize(open_png(damaged), fraction, 32)
+        whole = whole_decode(damaged, fraction, 32)
     except Exception as error:
         with pytest.raises(type(error), match=re.escape(str(error))):
             crop.crop_png(damaged, fraction, 32)
@@ -149,7 +156,7 @@ def test_a_zlib_header_zlib_refuses_is_left_to_pillow(header):
     bad = data[:33] + struct.pack(">I", len(body)) + b"IDAT" + body + struct.pack(">I", zlib.crc32(b"IDAT" + body)) \
         + data[45 + length:]
     with pytest.raises(Exception) as whole:
-        crop_resize(open_png(bad), 0.75, 32)
+        whole_decode(bad, 0.75, 32)
     with pytest.raises(type(whole.value), match=re.escape(str(whole.value))):
         crop.crop_png(bad, 0.75, 32)
 
@@ -161,7 +168,7 @@ def test_many_decoders_on_one_big_and_one_small_archive_give_the_images_one_at_a
     kept = read_csv(tmp_path / "filter/index.csv")
     assert index.drop(columns="row").equals(kept) and list(index["row"]) == list(range(len(every)))
     for row in index.itertuples():
-        assert np.array_equal(images[row.row], crop_resize(open_png(every[row.image]), 0.75, 48)), row.image
+        assert np.array_equal(images[row.row], whole_decode(every[row.image], 0.75, 48)), row.image
 
 
 def test_a_png_bigger_than_a_slot_travels_alone_and_is_cropped(tmp_path, monkeypatch):
@@ -170,7 +177,7 @@ def test_a_png_bigger_than_a_slot_travels_alone_and_is_cropped(tmp_path, monkeyp
     assert min(map(len, pngs.values())) < 20_000 < max(map(len, pngs.values()))
     index, images = crop_folder(tmp_path, [pngs], fraction=1.0, pixels=40, workers=3)
     for row in index.itertuples():
-        assert np.array_equal(images[row.row], crop_resize(open_png(pngs[row.image]), 1.0, 40)), row.image
+        assert np.array_equal(images[row.row], whole_decode(pngs[row.image], 1.0, 40)), row.image
 
 
 def test_batches_hold_at_most_batch_images_and_slot_bytes(monkeypatch):

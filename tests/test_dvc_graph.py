@@ -137,10 +137,12 @@ def test_the_trained_model_is_declared_a_dvc_model_artifact():
 
 def keys_read(check, params: dict, monkeypatch) -> set[str]:
     """The params keys `check(params)` reads, through cxr14.params (Section.get and seed), as dotted leaves."""
-    from cxr14 import params as P
+    import sys
+
+    from cxr14.params import Section, seed
 
     read: set[str] = set()
-    get, seed = P.Section.get, P.seed
+    get = Section.get
 
     def recorded_get(self, name):
         read.add(self.key(name))
@@ -151,8 +153,10 @@ def keys_read(check, params: dict, monkeypatch) -> set[str]:
         return seed(params)
 
     with monkeypatch.context() as patch:
-        patch.setattr(P.Section, "get", recorded_get)
-        patch.setattr(P, "seed", recorded_seed)
+        patch.setattr(Section, "get", recorded_get)
+        for name, module in list(sys.modules.items()):  # `from cxr14.params import seed` binds it in each module
+            if name.startswith(("stages.", "cxr14.")) and getattr(module, "seed", None) is seed:
+                patch.setattr(module, "seed", recorded_seed)
         check(params)
     return {key for key in read if not any(other.startswith(key + ".") for other in read)}  # sections read: leaves
 

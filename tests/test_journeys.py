@@ -101,7 +101,7 @@ def standins(tmp_path_factory) -> dict[str, Path]:
     rows = synthetic.draw_patients(metadata, 240, 6, 8, 5).reset_index(drop=True)
     where = md.archive_of_each_image(metadata, md.read_archive_table(REPO / md.REFERENCE / md.ARCHIVES_FILE))
     archive = where.loc[rows["image"]].to_numpy()
-    pngs = [synthetic.encode_png(synthetic.render(row, 64, 5), 1) for _, row in rows.iterrows()]
+    pngs = [synthetic.encode_png(synthetic.render_with_boxes(row, 64, 5)[0], 1) for _, row in rows.iterrows()]
 
     def write(path: Path, png: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

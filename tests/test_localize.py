@@ -190,7 +190,8 @@ def test_a_synthetic_box_is_where_the_drawn_sign_changed_the_image(finding, imag
     """The same chest with and without the sign (the later random draws shift, so the whole image changes a
     little): the change is large inside the box and small in a ring just outside it."""
     row = pd.Series({"image": image, "patient_id": 1, "view": "PA", "labels": finding})
-    clean = synthetic.render(row.copy().set_axis(row.index).replace(finding, "No Finding"), 128, seed=0).astype(float)
+    healthy = row.copy().set_axis(row.index).replace(finding, "No Finding")
+    clean = synthetic.render_with_boxes(healthy, 128, seed=0)[0].astype(float)
     sick, drawn = synthetic.render_with_boxes(row, 128, seed=0)
     assert [name for name, *_ in drawn] == [finding]
     x, y, w, h = (int(v) for v in drawn[0][1:])
@@ -299,11 +300,11 @@ def test_a_model_trained_on_the_signs_points_at_them_far_more_often_than_a_rando
 
 
 def test_the_check_refuses_plain_cam_under_hidden_layers():
-    from cxr14 import params as P
+    from cxr14.params import ParamError
 
     from .conftest import params_with
 
-    with pytest.raises(P.ParamError, match="localize.method"):
+    with pytest.raises(ParamError, match="localize.method"):
         localize_stage.check(params_with({"localize.method": "cam", "model.head.hidden": [16]}))
     assert localize_stage.check(params_with({"localize.method": "cam"})).method == "cam"
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from dvc.utils.hydra import apply_overrides
 
-from cxr14 import params as P
+from cxr14.params import apply, flatten, load
 from experiments import demo, presets, tables
 
 from .conftest import REPO
@@ -41,8 +41,8 @@ def lookup(params: dict, key: str):
 
 def dvc_set(path, settings: dict) -> dict:
     """What `dvc exp run -S ...` does to params.yaml before it runs anything, then the file as the stages read it."""
-    apply_overrides(str(path), demo.overrides(settings, P.load(path)))
-    return P.load(path)
+    apply_overrides(str(path), demo.overrides(settings, load(path)))
+    return load(path)
 
 
 @pytest.mark.parametrize("name, settings", override_sets(), ids=[name for name, _ in override_sets()])
@@ -66,6 +66,6 @@ def test_comments_stay_on_their_own_lines():
 def test_every_preset_sets_keys_of_params_yaml_to_values_every_stage_accepts(names):
     from stages import check
 
-    settings, base = presets.load(*names), P.load(REPO / "params.yaml")
-    assert [key for key in settings if key not in P.flatten(base)] == []
-    check.check(P.apply(base, settings))
+    settings, base = presets.load(*names), load(REPO / "params.yaml")
+    assert [key for key in settings if key not in flatten(base)] == []
+    check.check(apply(base, settings))

@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from cxr14 import labels
-from cxr14 import params as P
-from cxr14.params import load
+from cxr14.params import apply, load
 from experiments import demo as demo_settings
 from experiments import tables
 from stages import crop, download, evaluate, filter, resample, split, train
@@ -34,7 +33,7 @@ def test_every_override_is_a_real_key_with_a_valid_value(name):
     base = load(REPO / "params.yaml")
     for column in table.runnable:
         for demo in (False, True):
-            params = P.apply(base, tables.settings(table, column, demo))
+            params = apply(base, tables.settings(table, column, demo))
             for stage in CHECKS:
                 stage.check(params)  # raises ParamError naming the key on a typo or a bad value
             assert params["task"]["kind"] in (table.task, "multilabel15", "multilabel14_findings_only")
@@ -212,7 +211,7 @@ def test_overrides_set_params_yaml_as_dvc_applies_them(tmp_path):
     assert "++resample.targets={Hernia:2500,No Finding:30000}" in items
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     apply_overrides(str(tmp_path / "params.yaml"), items)
-    assert load(tmp_path / "params.yaml") == P.apply(params, wanted)
+    assert load(tmp_path / "params.yaml") == apply(params, wanted)
 
 
 # ---------------------------------------------------------------- fidelity to the report and provenance
@@ -255,7 +254,7 @@ def test_columns_with_the_same_figures_in_the_report_are_declared_one_run():
 def test_a_column_declared_the_same_run_runs_the_same_params(table, column):
     other_table, other = column.reuses
     base = load(REPO / "params.yaml")
-    assert P.apply(base, tables.settings(table, column)) == P.apply(base, tables.settings(other_table, other))
+    assert apply(base, tables.settings(table, column)) == apply(base, tables.settings(other_table, other))
 
 
 def test_the_demo_shrinks_image_counts_even_where_a_column_sets_them():
@@ -272,7 +271,7 @@ def test_the_fifteen_label_dense_heads_have_no_dropout():
     base = load(REPO / "params.yaml")
     for name in ("model_selection_15", "head_15", "weights_15", "optimizer_15"):
         for column in CATALOG[name].runnable:
-            assert P.apply(base, tables.settings(CATALOG[name], column))["model"]["head"]["dropout"] == 0.0
+            assert apply(base, tables.settings(CATALOG[name], column))["model"]["head"]["dropout"] == 0.0
 
 
 def test_the_binary_tables_second_figures_are_those_of_its_confusion_matrix():
