@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from cxr14 import boxes, cam, localize, models, synthetic
+from cxr14.images import crop_resize
 from stages import crop, download, filter, resample, split, train
 from stages import localize as localize_stage
-from stages.crop import crop_resize
 
 from .conftest import make_project, write_params
 
