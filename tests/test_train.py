@@ -75,7 +75,7 @@ def test_adam_then_sgd_switches_from_the_best_weights(pipeline, monkeypatch):
 def test_adam_then_sgd_switches_early_on_a_plateau(pipeline, monkeypatch):
     lines = []
     scores = iter([0.6, 0.5, 0.5, 0.5, 0.5])
-    monkeypatch.setattr(train.M, "auroc", lambda *a: {"per_label": {}, "micro": 0.5, "macro": next(scores)})
+    monkeypatch.setattr(train.metrics, "auroc", lambda *a: {"per_label": {}, "micro": 0.5, "macro": next(scores)})
     fit(pipeline, {"train": {"epochs": 5, "optimizer": "adam_then_sgd", "switch": {"epoch": 4, "patience": 2}}},
         log=lines.append)
     assert any("switched from Adam to SGD after epoch 3, from the weights of epoch 1" in line for line in lines)
