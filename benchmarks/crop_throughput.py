@@ -36,15 +36,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's code, installed or not
 
 from cxr14 import metadata, synthetic  # noqa: E402
-from cxr14 import params as P  # noqa: E402
 from cxr14.atomic import write_csv  # noqa: E402
+from cxr14.params import PARAMS_FILE, apply, load  # noqa: E402
 from stages import crop  # noqa: E402
 
 NIH_IMAGES = 112_120
 
 
 def render_png(row: pd.Series) -> bytes:
-    return synthetic.encode_png(synthetic.render(row, 1024, seed=0))
+    return synthetic.encode_png(synthetic.render_with_boxes(row, 1024, seed=0)[0])
 
 
 def write_archive(path: Path, members: list[tuple[str, bytes]]) -> None:
@@ -86,7 +86,7 @@ def stage(folder: Path, rows: pd.DataFrame, workers: int, size: int, fraction: f
         {"kind": "tar", "path": sorted(str(p) for p in folder.glob("*.tar.gz")), "image": ""}))
     (folder / "filter").mkdir(exist_ok=True)
     write_csv(folder / "filter/index.csv", rows)
-    params = P.apply(P.load(REPO / P.PARAMS_FILE), {"crop.fraction": fraction, "crop.pixels": size, "crop.workers": workers})
+    params = apply(load(REPO / PARAMS_FILE), {"crop.fraction": fraction, "crop.pixels": size, "crop.workers": workers})
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     return timed(lambda: crop.main(str(folder / "params.yaml"), raw=folder / "raw", filtered=folder / "filter",
                                    out=folder / "crop", metrics=folder / "crop.json"))

@@ -31,15 +31,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cxr14 import params as P  # noqa: E402
+from cxr14.params import PARAMS_FILE, apply, load  # noqa: E402
 
 REPORT_TARGETS = {"Cardiomegaly": 3500, "Consolidation": 3500, "Edema": 3500, "Emphysema": 3500, "Fibrosis": 3500,
                   "Hernia": 2500, "Pleural_Thickening": 3500, "Pneumonia": 3500, "No Finding": 30000}
 
 
 def full_scale_params(args) -> dict:
-    committed = P.load(REPO / P.PARAMS_FILE)
-    return P.apply(committed, {
+    committed = load(REPO / PARAMS_FILE)
+    return apply(committed, {
         "data.source": "synthetic",
         "data.synthetic.images": 112_120,
         "data.synthetic.image_size": args.size,
@@ -69,7 +69,7 @@ def stages() -> list[str]:
 
 def outputs(module: str) -> list[str]:
     """The paths dvc.yaml lists as the stage's outs, metrics and plots (and the download stage's store)."""
-    name = module.removeprefix("stages.").replace("__main__", "check")
+    name = module.removeprefix("stages.")
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][name]
     paths = [next(iter(e)) if isinstance(e, dict) else e for key in ("outs", "metrics", "plots")
              for e in stage.get(key, [])]
@@ -123,14 +123,6 @@ def main() -> None:
     rows, total = [], 0.0
     try:
         for module in stages():
-            module = "stages.__main__" if module == "stages" else module
-            if module == "stages.__main__":
-                command = "stages"  # `python -m stages check`
-                started = time.monotonic()
-                subprocess.run([sys.executable, "-m", command, "check"], cwd=folder, check=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True)
-                rows.append(("check", time.monotonic() - started, float("nan"), disk_bytes(folder, outputs(module))))
-                continue
             print(f"{module} ...", flush=True)
             wall, peak, _ = run_stage(module, folder)
             rows.append((module.removeprefix("stages."), wall, peak, disk_bytes(folder, outputs(module))))

@@ -130,12 +130,14 @@ def scratch_repository(folder: Path) -> Path:
 
 
 def small_settings(dry: bool) -> dict:
-    """The settings of a small synthetic run on CUDA (or, for the dry run, smaller on the CPU)."""
+    """The settings of a small synthetic run on CUDA (presets/gpu_check.yaml), or, for the dry run, at the smoke
+    scale on the CPU (presets/smoke.yaml): on top of the demo's."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from experiments import presets
+
     device = "cpu" if dry else "cuda"
-    return {"data.synthetic.images": 300 if dry else 1000, "data.synthetic.image_size": 64 if dry else 128,
-              "data.synthetic.min_positives_per_label": 10 if dry else 30, "crop.pixels": 32 if dry else 64,
-              "train.epochs": 2, "train.switch.epoch": 1, "evaluate.bootstrap": 20 if dry else 100,
-              "train.device": device, "evaluate.device": device}
+    return {**presets.load("smoke" if dry else "gpu_check"), "train.device": device, "evaluate.device": device}
 
 
 def part_a(part: Part, dry: bool, env: dict) -> None:
@@ -179,7 +181,7 @@ def part_b(part: Part, dry: bool, repo: Path, env: dict) -> None:
 
 def part_c(part: Part, dry: bool, repo: Path, env: dict) -> None:
     small = [a for k, v in small_settings(dry).items() for a in ("-S", f"{k}={v}")]
-    command = [sys.executable, "-m", "stages", "table", "run", "optimizer_15", "--demo", *small, "--jobs", "2"]
+    command = [sys.executable, "-m", "cli", "table", "run", "optimizer_15", "--demo", *small, "--jobs", "2"]
     code, output, part.seconds = run(command, LIMITS["c"], cwd=repo, env=env)
     if code == 124:
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True)

@@ -60,10 +60,10 @@ def packed_data(folder: Path, images: int, size: int) -> None:
 
 
 def stage_throughput(folder: Path, args) -> float:
-    from cxr14 import params as P
+    from cxr14.params import PARAMS_FILE, apply, load
     from stages import train
 
-    params = P.apply(P.load(REPO / P.PARAMS_FILE), {
+    params = apply(load(REPO / PARAMS_FILE), {
         "seed": 0, "task.kind": "multilabel14", "model.backbone": args.backbone, "model.pretrained": "none",
         "model.head.hidden": [256, 50], "model.head.dropout": 0.1, "model.input_size": None, "train.epochs": 2,
         "train.batch_size": args.batch, "train.steps_per_epoch": args.steps // 2, "train.optimizer": "adam",

@@ -18,50 +18,22 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from cxr14 import backbones
+
 METHODS = ("gradcam", "cam")
 
-# The last conv block of each backbone as cxr14.models builds it (torchvision's module names).
-TARGET_LAYERS = {
-    "densenet": "features",         # ... denseblock4, norm5 (the forward applies the ReLU after it)
-    "resnet": "layer4",
-    "vgg": "features",              # the last ReLU's 14x14 maps for Grad-CAM; CAM pools the max-pooled 7x7 ones
-    "inception": "Mixed_7c",
-    "efficientnet": "features",     # ... the 1x1 conv to 1280 channels with its SiLU
-    "mobilenet": "features",        # ... the 1x1 conv to 576 channels with its Hardswish
-}
-# What the forward applies between the target layer and the global average pooling (DenseNet: a ReLU).
-_AFTER_LAYER = {"densenet": F.relu}
-# The classifier module that the pooled features feed.
-_CLASSIFIER = {"densenet": "classifier", "resnet": "fc", "vgg": "classifier", "inception": "fc",
-               "efficientnet": "classifier", "mobilenet": "classifier"}
+
+def target_layer(model: nn.Module, backbone: str, method: str = "gradcam") -> nn.Module:
+    """The module whose output the heatmap is made from (cxr14/backbones.py names it for each backbone)."""
+    entry = backbones.get(backbone)
+    return model.get_submodule(entry.gradcam_layer if method == "gradcam" else entry.cam_layer)
 
 
-def family(model: nn.Module) -> str:
-    """The backbone family of a torchvision model (densenet, resnet, vgg, ...), from its class."""
-    name = type(model).__name__.lower()
-    for known in TARGET_LAYERS:
-        if name.startswith(known):
-            return known
-    raise ValueError(f"no heatmap target layer known for {type(model).__name__}: known families are "
-                     + ", ".join(TARGET_LAYERS))
-
-
-def target_layer(model: nn.Module, method: str = "gradcam") -> nn.Module:
-    """The module whose output the heatmap is made from."""
-    kind = family(model)
-    if kind == "vgg" and method == "gradcam":
-        return [m for m in model.features if isinstance(m, nn.ReLU)][-1]
-    return model.get_submodule(TARGET_LAYERS[kind])
-
-
-def cam_weights(model: nn.Module) -> torch.Tensor | None:
+def cam_weights(model: nn.Module, backbone: str) -> torch.Tensor | None:
     """The [outputs, channels] weights of the one linear layer on the globally pooled conv features,
     or None when something else lies between them (hidden layers; VGG16's or MobileNet's own
     fully connected layers kept by model.top: replace_last): then plain CAM is not defined."""
-    kind = family(model)
-    if kind == "vgg" and not (isinstance(model.avgpool, nn.AdaptiveAvgPool2d) and model.avgpool.output_size in (1, (1, 1))):
-        return None
-    classifier = model.get_submodule(_CLASSIFIER[kind])
+    classifier = model.get_submodule(backbones.get(backbone).classifier)
     leaves = [m for m in classifier.modules() if not list(m.children())]
     linears = [m for m in leaves if isinstance(m, nn.Linear)]
     if len(linears) != 1 or any(not isinstance(m, (nn.Linear, nn.Dropout)) for m in leaves):
@@ -69,17 +41,14 @@ def cam_weights(model: nn.Module) -> torch.Tensor | None:
     return linears[0].weight
 
 
-def cam_available(model: nn.Module) -> bool:
-    return cam_weights(model) is not None
-
-
-def class_heatmaps(model: nn.Module, images: torch.Tensor, labels: Sequence[int], method: str = "gradcam",
-                   upsample: bool = True) -> torch.Tensor:
+def class_heatmaps(model: nn.Module, backbone: str, images: torch.Tensor, labels: Sequence[int],
+                   method: str = "gradcam", upsample: bool = True) -> torch.Tensor:
     """Heatmaps [N, H, W] in [0, 1] at the input's resolution: for image i, where output labels[i] looks.
 
-    `images` [N, C, H, W] are normalised as the model expects, on the model's device. The model is
-    put in eval mode and left there; its parameters' gradients are not touched. upsample=False: the maps
-    at the target layer's own grid [N, h, w] (each cell covers H / h x W / w input pixels)."""
+    `model` is cxr14.models' network of `backbone` (model.backbone); `images` [N, C, H, W] are normalised as
+    the model expects, on the model's device. The model is put in eval mode and left there; its parameters'
+    gradients are not touched. upsample=False: the maps at the target layer's own grid [N, h, w] (each cell
+    covers H / h x W / w input pixels)."""
     if method not in METHODS:
         raise ValueError(f"heatmap method {method!r} is not valid: expected one of {', '.join(METHODS)}")
     labels = [int(j) for j in labels]
@@ -87,38 +56,38 @@ def class_heatmaps(model: nn.Module, images: torch.Tensor, labels: Sequence[int]
         raise ValueError(f"{len(labels)} labels for {len(images)} images: give one output index per image")
     model.eval()
     with torch.enable_grad():
-        maps = _gradcam(model, images, labels) if method == "gradcam" else _cam(model, images, labels)
+        maps = _gradcam(model, backbone, images, labels) if method == "gradcam" else _cam(model, backbone, images, labels)
     if upsample:
         maps = F.interpolate(maps.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
     return _unit(maps.float()[:, 0], method)
 
 
-def _gradcam(model: nn.Module, images: torch.Tensor, labels: list[int]) -> torch.Tensor:
+def _gradcam(model: nn.Module, backbone: str, images: torch.Tensor, labels: list[int]) -> torch.Tensor:
     from captum.attr import LayerGradCam  # imported here: captum loads matplotlib, which the stages need only here
 
-    layer = target_layer(model, "gradcam")
+    layer = target_layer(model, backbone, "gradcam")
     inputs = images.detach().requires_grad_(True)  # so the layer's output carries gradients with frozen weights
     maps = LayerGradCam(model, layer).attribute(inputs, target=labels, relu_attributions=True)
     return maps.detach()
 
 
-def _cam(model: nn.Module, images: torch.Tensor, labels: list[int]) -> torch.Tensor:
-    weights = cam_weights(model)
+def _cam(model: nn.Module, backbone: str, images: torch.Tensor, labels: list[int]) -> torch.Tensor:
+    weights = cam_weights(model, backbone)
     if weights is None:
-        raise ValueError(f"plain CAM is not available for this {type(model).__name__}: it needs the globally pooled "
-                         "conv features followed by one linear layer (model.head.hidden: [], and model.top: pooled for "
-                         "vgg16 and mobilenet_v3_small); use gradcam")
-    kind = family(model)
+        raise ValueError(f"plain CAM is not available for this {backbone}: it needs the globally pooled conv "
+                         "features followed by one linear layer (model.head.hidden: [], and model.top: pooled for "
+                         f"{' and '.join(backbones.pooled_for_cam())}); use gradcam")
     seen: list[torch.Tensor] = []
-    handle = target_layer(model, "cam").register_forward_hook(lambda module, args, output: seen.append(output))
+    handle = target_layer(model, backbone, "cam").register_forward_hook(lambda module, args, output: seen.append(output))
     try:
         with torch.no_grad():
             model(images)
     finally:
         handle.remove()
     features = seen[0].float()
-    if kind in _AFTER_LAYER:
-        features = _AFTER_LAYER[kind](features)
+    after = backbones.get(backbone).after_cam_layer
+    if after is not None:
+        features = after(features)
     w = weights.detach().float()[torch.as_tensor(labels, device=weights.device)]  # [N, channels]
     return torch.einsum("nc,nchw->nhw", w, features).unsqueeze(1)
 

@@ -23,13 +23,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from cxr14 import params as P
+from cxr14.params import StageError
 
 POLL_SECONDS = 0.2  # how often a transfer looks at Ctrl-C while the socket is silent (not a setting: promptness)
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-class DownloadError(P.StageError):
+class DownloadError(StageError):
     pass
 
 

@@ -153,12 +153,6 @@ def crop_resize(image: Image.Image, fraction: float, size: int) -> np.ndarray:
     return resize_box(image, crop_box(*image.size, fraction), size)
 
 
-def open_png(data: bytes | str | Path) -> Image.Image:
-    image = open_image(data)
-    image.load()
-    return image
-
-
 class ArchiveError(StageError):
     """An archive that cannot be read: not a complete gzip'd tar (a download cut short, a web page saved as
     .tar.gz: `damaged`), or a file the system will not read (its permissions, an I/O error)."""

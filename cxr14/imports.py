@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("stages", "cxr14", "experiments")
+PACKAGES = ("cli", "stages", "cxr14", "experiments")
 
 
 def module_file(name: str, root: Path = ROOT) -> Path | None:

@@ -45,7 +45,7 @@ class Crop:
 
     @property
     def origin(self) -> tuple[float, float]:
-        """The square's top-left corner in original pixels (as stages/crop.py's crop_resize places it)."""
+        """The square's top-left corner in original pixels (as cxr14.images.crop_resize places it)."""
         return (self.width - self.side) / 2, (self.height - self.side) / 2
 
     @property

@@ -37,6 +37,11 @@ INT64_MAX = str(2 ** 63 - 1)  # the largest patient ID (pandas and numpy keep th
 _AGE = re.compile(r"^\s*(\d+)\s*([YMDymd]?)\s*$")  # 57 (v2020), 060Y (2017 files), a few 011M or 005D
 
 
+def is_nih_metadata(path: str | Path) -> bool:
+    """Whether data.metadata names NIH's own metadata (data/reference), rather than a user's CSV."""
+    return Path(path).resolve() == (REFERENCE / METADATA_FILE).resolve()
+
+
 def read_metadata(path: str | Path | None = None) -> pd.DataFrame:
     """A Data_Entry-style CSV as an index: image, patient_id, follow_up, view, labels (plus age and sex),
     sorted by image. None = NIH's (data/reference), otherwise the user's own (params: data.metadata).

@@ -1,4 +1,4 @@
-"""Networks: a torchvision backbone by name, its classifier replaced by the configured head.
+"""Networks: a torchvision backbone by name (cxr14/backbones.py), its classifier replaced by the configured head.
 
 This module imports torch and torchvision only inside the functions that use them: the weights stage reads
 the model's settings without them (its run with model.pretrained none takes 0.5 s, not 4).
@@ -12,16 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cxr14 import params as P
+from cxr14 import backbones
+from cxr14.backbones import TOPS
+from cxr14.params import ParamError, Section, section
 
 if TYPE_CHECKING:
     from torch import nn
 
-BACKBONES = ("densenet121", "densenet169", "densenet201", "vgg16", "inception_v3", "resnet50",
-             "efficientnet_b0", "resnet18", "mobilenet_v3_small")
+BACKBONES = tuple(backbones.BACKBONES)
 PRETRAINED = ("imagenet", "none")
-TOPS = ("replace_last", "pooled")
-INCEPTION_SIZE = 299
 WEIGHTS_DIR = Path("data/weights")  # the weights stage's output (stages/weights.py)
 
 
@@ -32,36 +31,47 @@ class ModelConfig:
     top: str  # replace_last | pooled (see create_model)
     hidden: list[int]
     dropout: float
-    input_size: int | None  # None: the packed array's size (299 for inception_v3)
+    input_size: int | None  # None: the backbone's own (299 for inception_v3), or else the packed array's
 
 
 def check(params: dict) -> ModelConfig:
-    section = P.section(params, "model")
-    head = section.section("head")
+    settings = section(params, "model")
+    backbone, pretrained = _backbone(settings)
+    head = settings.section("head")
     hidden = head.get("hidden")
     if not isinstance(hidden, list) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-        raise P.ParamError("model.head.hidden", hidden, "a list of layer sizes such as [256, 50], or [] for one linear layer")
+        raise ParamError("model.head.hidden", hidden, "a list of layer sizes such as [256, 50], or [] for one linear layer")
     config = ModelConfig(
-        backbone=section.choice("backbone", BACKBONES),
-        pretrained=section.choice("pretrained", PRETRAINED),
-        top=section.choice("top", TOPS),
+        backbone=backbone,
+        pretrained=pretrained,
+        top=settings.choice("top", TOPS),
         hidden=hidden,
         dropout=head.number("dropout", low=0, high=1, high_open=True),  # 1 drops every feature
-        input_size=section.optional_number("input_size", low=16, integer=True),
+        input_size=settings.optional_number("input_size", low=16, integer=True),
     )
     head.finish()
-    section.finish()
+    settings.finish()
     return config
+
+
+def check_backbone(params: dict) -> tuple[str, str]:
+    """model.backbone and model.pretrained, and no other key: all the weights stage reads (so dvc.yaml declares
+    only these two for it, and a new head does not rerun it)."""
+    return _backbone(section(params, "model"))
+
+
+def _backbone(section: Section) -> tuple[str, str]:
+    return section.choice("backbone", BACKBONES), section.choice("pretrained", PRETRAINED)
 
 
 def input_size(config: ModelConfig, packed_size: int) -> int:
     """The side of the images the network sees: resized on the device from the packed array's."""
     import torchvision  # here, not at the top: the weights stage and `cxr check` then start without torch
 
-    size = config.input_size or (INCEPTION_SIZE if config.backbone == "inception_v3" else packed_size)
+    size = config.input_size or backbones.get(config.backbone).input_size or packed_size
     low = torchvision.models.get_model_weights(config.backbone).DEFAULT.meta.get("min_size", (1, 1))[0]
     if size < low:
-        raise P.ParamError("model.input_size", size, f"at least {low} pixels for {config.backbone}")
+        raise ParamError("model.input_size", size, f"at least {low} pixels for {config.backbone}")
     return size
 
 
@@ -79,7 +89,7 @@ def imagenet_weights(backbone: str, folder: Path):
     weights = torchvision.models.get_model_weights(backbone).DEFAULT
     path = weights_file(backbone, folder)
     if not path.exists():
-        raise P.ParamError(
+        raise ParamError(
             "model.pretrained", "imagenet",
             f"weights on disk: {path} is missing; run the weights stage first (`dvc repro weights` or `cxr weights`: "
             f"it fetches {path.name} from {weights.url}), or set model.pretrained: none to train {backbone} "
@@ -114,8 +124,7 @@ def head(features: int, hidden: list[int], dropout: float, outputs: int) -> nn.S
     return nn.Sequential(*layers)
 
 
-def create_model(config: ModelConfig, outputs: int, size: int = INCEPTION_SIZE,
-                 weights_dir: Path = WEIGHTS_DIR) -> nn.Module:
+def create_model(config: ModelConfig, outputs: int, size: int, weights_dir: Path = WEIGHTS_DIR) -> nn.Module:
     """The backbone with the head on top; `size` is the input side (see inception_v3); ImageNet weights
     (model.pretrained: imagenet) from `weights_dir`, where the weights stage put them.
 
@@ -127,24 +136,24 @@ def create_model(config: ModelConfig, outputs: int, size: int = INCEPTION_SIZE,
     import torchvision
     from torch import nn
 
+    backbone = backbones.get(config.backbone)
     weights = imagenet_weights(config.backbone, weights_dir) if config.pretrained == "imagenet" else None
-    extra = {}
-    if config.backbone == "inception_v3":
-        # Its auxiliary head (a second loss in training) is sized for 299 px; smaller inputs train without it.
-        extra = {"aux_logits": size >= INCEPTION_SIZE, "init_weights": weights is None}
+    options = backbone.options(size, weights is not None) if backbone.options else {}
     with _hub_dir(Path(weights_dir)):
-        model = torchvision.models.get_model(config.backbone, weights=weights, **extra)
-    if config.top == "pooled" and hasattr(model, "classifier"):
-        if config.backbone == "vgg16":  # its 7x7 pooling feeds fc6; global pooling feeds the head instead
-            model.avgpool = nn.AdaptiveAvgPool2d(1)
-            features = [m for m in model.features if isinstance(m, nn.Conv2d)][-1].out_channels
+        model = torchvision.models.get_model(config.backbone, weights=weights, **options)
+    classifier = model.get_submodule(backbone.classifier)
+    if config.top == "pooled" and not isinstance(classifier, nn.Linear):
+        if backbone.global_pool:
+            features = backbone.global_pool(model)
         else:
-            features = next(m for m in model.classifier.modules() if isinstance(m, nn.Linear)).in_features
-        model.classifier = head(features, config.hidden, config.dropout, outputs)
+            features = next(m for m in classifier.modules() if isinstance(m, nn.Linear)).in_features
+        setattr(model, backbone.classifier, head(features, config.hidden, config.dropout, outputs))
     else:
-        name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        setattr(parent, name.rpartition(".")[2], head(last.in_features, config.hidden, config.dropout, outputs))
-    if config.backbone == "inception_v3" and model.AuxLogits is not None:
-        model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, outputs)
+        name, last = [(n, m) for n, m in classifier.named_modules() if isinstance(m, nn.Linear)][-1]
+        parent = classifier.get_submodule(name.rpartition(".")[0]) if name else model
+        setattr(parent, name.rpartition(".")[2] or backbone.classifier,
+                head(last.in_features, config.hidden, config.dropout, outputs))
+    auxiliary = getattr(model, backbone.auxiliary) if backbone.auxiliary else None
+    if auxiliary is not None:  # None where the builder left it out (inception_v3 below 299 px)
+        auxiliary.fc = nn.Linear(auxiliary.fc.in_features, outputs)
     return model

@@ -25,14 +25,14 @@ import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxr14 import models, progress
+from cxr14 import model_file, progress
 from cxr14.atomic import atomic_path, write_csv
 from cxr14.batches import prepare
 from cxr14.images import crop_resize, open_image, to_gray
 from cxr14.params import StageError
 from cxr14.runtime import Runtime, decide
 
-MODEL_FILE = "data/train/model.pt"  # the train stage's output, in the workspace or in an experiment
+MODEL_FILE = model_file.PATH
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -49,6 +49,7 @@ class ImageError(ValueError):
 class Predictor:
     """A trained network and how its training images were prepared."""
     net: torch.nn.Module
+    backbone: str      # model.backbone: where its heatmaps come from (cxr14/backbones.py)
     names: tuple[str, ...]
     fraction: float    # crop.fraction: the centered square's side over the shorter side
     crop_size: int     # crop.pixels: the side of the packed images
@@ -75,11 +76,11 @@ class Predictor:
 
 # ---------------------------------------------------------------- the model
 
-def read_model_file(model: str) -> tuple[dict, str]:
-    """The saved dict of a model file path, or of data/train/model.pt in an experiment or git revision."""
+def _model_source(model: str) -> tuple[Path | io.BytesIO, str]:
+    """A model file path, or the bytes of data/train/model.pt in an experiment or git revision; and its name."""
     path = Path(model).expanduser()
     if path.is_file():
-        return _load(path, str(path)), str(path)
+        return path, str(path)
     if path.suffix == ".pt" or path.is_dir():
         why = "a folder" if path.is_dir() else "no such file"
         raise PredictError(f"--model {model}: {why}; give a model file (the train stage writes {MODEL_FILE}: "
@@ -93,90 +94,30 @@ def read_model_file(model: str) -> tuple[dict, str]:
         raise PredictError(f"--model {model}: no such file, and {MODEL_FILE} cannot be read from an experiment or "
                            f"revision of that name ({type(error).__name__}: {error}); `dvc exp ls` lists the "
                            "experiments") from None
-    where = f"{MODEL_FILE} of {model}"
-    return _load(io.BytesIO(data), where), where
+    return io.BytesIO(data), f"{MODEL_FILE} of {model}"
 
 
-def _load(source, where: str) -> dict:
+def read_model_file(model: str) -> tuple[dict, str]:
+    """The saved dict of a model file path, or of data/train/model.pt in an experiment or git revision."""
+    source, where = _model_source(model)
     try:
-        saved = torch.load(source, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise PredictError(f"{where} is not a model file torch can read ({type(error).__name__}: {error})") from None
-    return saved
-
-
-def preparation(saved: dict, where: str) -> tuple[float, int, int]:
-    """(crop.fraction, crop.pixels, input side) as the model file records them (train writes the whole params)."""
-    crop = ((saved.get("params") if isinstance(saved, dict) else None) or {}).get("crop") or {}
-    needed = {"state_dict", "model", "names", "input_size", "precision"}
-    missing = sorted(needed - set(saved)) if isinstance(saved, dict) else sorted(needed)
-    missing += [f"params.crop.{k}" for k in ("fraction", "pixels") if k not in crop]
-    if missing:
-        raise PredictError(f"{where} does not record {', '.join(missing)}: it was not written by this project's "
-                           "train stage (or by an older version of it); train it again (`dvc repro train`)")
-    return float(crop["fraction"]), int(crop["pixels"]), int(saved["input_size"])
+        return model_file.read(source, where), where
+    except model_file.ModelFileError as error:
+        raise PredictError(str(error)) from None
 
 
 def load_model(model: str, device: str) -> Predictor:
     """The network of a model file (or an experiment's), on `device` (auto | cpu | cuda)."""
-    saved, where = read_model_file(model)
-    fraction, crop_size, input_size = preparation(saved, where)
+    source, where = _model_source(model)
+    try:
+        trained = model_file.load(source, where)
+    except model_file.ModelFileError as error:
+        raise PredictError(str(error)) from None
     if device == "cuda" and not torch.cuda.is_available():
         raise PredictError("--device cuda: no CUDA device is visible; use auto or cpu")
-    runtime = decide(device, saved["precision"])
-    net = network(saved, input_size, where)
-    return Predictor(runtime.place(net).eval(), tuple(saved["names"]), fraction, crop_size, input_size, runtime, where)
-
-
-def network(saved: dict, input_size: int, where: str) -> torch.nn.Module:
-    """The network a model file records (backbone, head, labels), its weights loaded; weights that do not fit it
-    (another backbone's, another label count's) are a PredictError saying what the file records and what they hold."""
-    recorded = saved["model"] if isinstance(saved["model"], dict) else {}
-    names = saved["names"]
-    described = (f"model.backbone {recorded.get('backbone')}, model.top {recorded.get('top')}, model.head.hidden "
-                 f"{recorded.get('hidden')}, {len(names)} labels")
-    try:
-        config = models.ModelConfig(**{**recorded, "pretrained": "none"})
-        net = models.create_model(config, len(names), input_size)
-    except Exception as error:  # a backbone this version does not know, a missing setting: many kinds
-        raise PredictError(f"{where} records a network that cannot be built ({described}: {type(error).__name__}: "
-                           f"{error}); was it written by another version of this project? Train it again "
-                           "(`dvc repro train`)") from None
-    weights = saved["state_dict"]
-    mismatch = _mismatch(net.state_dict(), weights, len(names)) if isinstance(weights, dict) else \
-        f"its state_dict is a {type(weights).__name__}, not a network's weights"
-    if not mismatch:
-        try:
-            net.load_state_dict(weights)
-        except RuntimeError as error:  # what _mismatch does not look at (a tensor that is not one)
-            mismatch = str(error).strip().splitlines()[-1].strip()
-    if mismatch:
-        raise PredictError(f"{where}: its weights do not fit the network it records ({described}): {mismatch}. "
-                           "Was the file changed or put together by hand? Use the model the train stage wrote "
-                           "(`dvc repro train`)")
-    return net
-
-
-def _mismatch(expected: dict, given: dict, labels: int) -> str:
-    """What differs between a network's weights and a file's, in words ('' when they fit)."""
-    missing = [name for name in expected if name not in given]
-    unexpected = [name for name in given if name not in expected]
-    if missing or unexpected:
-        return (f"{len(missing)} of the network's {len(expected)} weight tensors are not in the file"
-                + (f" (such as {missing[0]})" if missing else "")
-                + f", and {len(unexpected)} of the file's {len(given)} are not in the network"
-                + (f" (such as {unexpected[0]})" if unexpected else "")
-                + ": the weights of another backbone or head")
-    shapes = {name: (tuple(given[name].shape), tuple(tensor.shape)) for name, tensor in expected.items()
-              if hasattr(given[name], "shape") and tuple(given[name].shape) != tuple(tensor.shape)}
-    if not shapes:
-        return ""
-    last = [name for name, tensor in expected.items() if name.endswith(".weight") and tensor.ndim == 2][-1]
-    if last in shapes and shapes[last][0][0] != labels:
-        return f"the file names {labels} labels, and its weights' last layer ({last}) has {shapes[last][0][0]} outputs"
-    name, (held, wanted) = next(iter(shapes.items()))
-    more = f" (and {len(shapes) - 1} more tensors differ)" if len(shapes) > 1 else ""
-    return f"{name} is {list(held)} in the file, {list(wanted)} in the network{more}"
+    runtime = decide(device, trained.precision)
+    return Predictor(runtime.place(trained.net).eval(), trained.config.backbone, trained.names, trained.crop_fraction,
+                     trained.crop_pixels, trained.input_size, runtime, where)
 
 
 # ---------------------------------------------------------------- the images
@@ -345,7 +286,7 @@ def write_heatmaps(predictor: Predictor, packed: np.ndarray, p: np.ndarray, stem
     order = np.argsort(-p, axis=1, kind="stable")[:, :top]
     x = predictor.batch(packed)  # outside inference mode: Grad-CAM needs gradients
     for rank in range(order.shape[1]):
-        maps = cam.class_heatmaps(predictor.net, x, order[:, rank].tolist(), method="gradcam")
+        maps = cam.class_heatmaps(predictor.net, predictor.backbone, x, order[:, rank].tolist(), method="gradcam")
         for i, (stem, result) in enumerate(zip(stems, results)):
             name = predictor.names[order[i, rank]]
             path = folder / f"{stem}.{name}.png"

@@ -36,9 +36,8 @@ from typing import Any
 import typer
 import yaml
 
-from cxr14 import params as P
 from cxr14.atomic import write_json
-from cxr14.params import PARAMS_FILE, ParamError, StageError
+from cxr14.params import PARAMS_FILE, ParamError, StageError, flatten, parse
 
 LOCK_FILE = Path("data/.stage.lock")
 # What each running `dvc repro` / `dvc exp run` found in the params file when its first stage started: one
@@ -117,12 +116,12 @@ def snapshot(params: str | os.PathLike) -> dict[str, Any] | None:
     except OSError:
         return None
     try:
-        data = P.parse(raw.decode("utf-8"), params)
+        data = parse(raw.decode("utf-8"), params)
     except (UnicodeDecodeError, yaml.YAMLError, ParamError):
         data = None
     if not isinstance(data, dict):
         return {BYTES: hashlib.sha256(raw).hexdigest()}
-    return json.loads(json.dumps(P.flatten(data), default=str))
+    return json.loads(json.dumps(flatten(data), default=str))
 
 
 def difference(before: dict[str, Any], after: dict[str, Any] | None, when: str) -> str:
@@ -248,15 +247,16 @@ def failure(error: BaseException, stage: str, params: str | os.PathLike) -> int 
     return 1
 
 
-def run(module: str, params: str = PARAMS_FILE) -> int:
-    """Import `module` (stages.crop, ...), run its main(params) under the workspace lock and the params
-    check (the processes torchrun starts run under their launcher's) and return the exit code."""
+def run(module: str, params: str = PARAMS_FILE, lock: bool = True) -> int:
+    """Import `module` (stages.crop, ...), run its main(params) under the workspace lock (unless `lock` is
+    false) and the params check (the processes torchrun starts run under their launcher's) and return the
+    exit code."""
     name = module.rpartition(".")[2]
     try:
         if under_torchrun():
             importlib.import_module(module).main(params)
         else:
-            with workspace_lock(name), params_unchanged(name, params):
+            with workspace_lock(name) if lock else contextlib.nullcontext(), params_unchanged(name, params):
                 importlib.import_module(module).main(params)
     except (ParamError, StageError, OSError, FloatingPointError) as error:
         code = failure(error, name, params)
@@ -266,7 +266,7 @@ def run(module: str, params: str = PARAMS_FILE) -> int:
     return 0
 
 
-def command_line(module: str) -> None:
+def command_line(module: str, lock: bool = True) -> None:
     """The `if __name__ == "__main__"` of a stage module. The module is imported under its own name
     (not as __main__), so that the functions its worker processes run are found by that name."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=f"Run the stage {module}.")
@@ -274,4 +274,4 @@ def command_line(module: str) -> None:
     params = parser.parse_args().params
     signal.signal(signal.SIGTERM, _terminate)
     die_with_parent()
-    sys.exit(run(module, params))
+    sys.exit(run(module, params, lock))

@@ -21,7 +21,6 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from cxr14.boxes import BOXED_FINDINGS  # noqa: F401 (the findings whose signs are boxed)
 from cxr14.labels import FINDINGS, split_labels
 
 
@@ -76,11 +75,6 @@ def _smooth_noise(rng, size: int, cells: int) -> np.ndarray:
     coarse = rng.standard_normal((cells, cells))
     field = ndimage.zoom(coarse, size / cells, order=1)[:size, :size]
     return field / (np.abs(field).max() + 1e-6)
-
-
-def render(row: pd.Series, size: int, seed: int, blacklist_reason: str | None = None) -> np.ndarray:
-    """One synthetic chest radiograph as a uint8 [size, size] array."""
-    return render_with_boxes(row, size, seed, blacklist_reason)[0]
 
 
 Box = tuple[str, float, float, float, float]  # finding, x, y, w, h: NIH's box list's columns, in pixels

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from cxr14 import labels as L
-from cxr14 import params as P
+from cxr14 import labels
+from cxr14.params import section
 
 KINDS = ("multilabel14", "multilabel15", "multilabel14_findings_only", "binary")
 
@@ -30,26 +30,26 @@ class Task:
     def names(self) -> tuple[str, ...]:
         if self.kind == "binary":
             return (self.target,)
-        return L.ALL_LABELS if self.kind == "multilabel15" else L.FINDINGS
+        return labels.ALL_LABELS if self.kind == "multilabel15" else labels.FINDINGS
 
 
 def check(params: dict) -> Task:
-    section = P.section(params, "task")
+    settings = section(params, "task")
     task = Task(
-        kind=section.choice("kind", KINDS),
-        target=L.check_label(section.get("target"), "task.target", L.FINDINGS),
-        negatives_per_positive=section.number("negatives_per_positive", low=0, low_open=True),
+        kind=settings.choice("kind", KINDS),
+        target=labels.check_label(settings.get("target"), "task.target", labels.FINDINGS),
+        negatives_per_positive=settings.number("negatives_per_positive", low=0, low_open=True),
     )
-    section.finish()
+    settings.finish()
     return task
 
 
 def select(frame: pd.DataFrame, task: Task, part: str, seed: int) -> pd.DataFrame:
     """The rows of one part (train, val, test) that the task uses."""
     if task.kind == "multilabel14_findings_only":
-        return frame[frame["labels"] != L.NO_FINDING].reset_index(drop=True)
+        return frame[frame["labels"] != labels.NO_FINDING].reset_index(drop=True)
     if task.kind == "binary" and part == "train":
-        positive = L.encode(frame["labels"], (task.target,))[:, 0].astype(bool)
+        positive = labels.encode(frame["labels"], (task.target,))[:, 0].astype(bool)
         negatives = np.flatnonzero(~positive)
         wanted = min(len(negatives), round(task.negatives_per_positive * positive.sum()))
         chosen = np.random.default_rng([seed, 6]).choice(negatives, size=wanted, replace=False)
@@ -59,4 +59,4 @@ def select(frame: pd.DataFrame, task: Task, part: str, seed: int) -> pd.DataFram
 
 def targets(frame: pd.DataFrame, task: Task) -> np.ndarray:
     """float32 [N, outputs] of 0/1."""
-    return L.encode(frame["labels"], task.names).astype(np.float32)
+    return labels.encode(frame["labels"], task.names).astype(np.float32)

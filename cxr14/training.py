@@ -158,8 +158,10 @@ def step_scheduler(scheduler, config: TrainConfig, score: float, val_loss: float
 # ---------------------------------------------------------------- one epoch
 
 def train_one_epoch(runner, optimizer, batches: Batches, size: int, augment: Augment | None, generator,
-                    loss_of, runtime: Runtime, epoch: int, title: str) -> tuple[float, float]:
-    """One pass over `batches`: (mean training loss, images per second over all processes)."""
+                    loss_of, auxiliary_weight: float, runtime: Runtime, epoch: int, title: str) -> tuple[float, float]:
+    """One pass over `batches`: (mean training loss, images per second over all processes). A network with an
+    auxiliary output (cxr14/backbones.py) gives (logits, auxiliary logits) in training: its loss counts
+    `auxiliary_weight` times."""
     runner.train()
     losses: list[torch.Tensor] = []
     seen, started = 0, time.perf_counter()
@@ -169,7 +171,7 @@ def train_one_epoch(runner, optimizer, batches: Batches, size: int, augment: Aug
             with runtime.autocast():
                 output = runner(prepare(x, size, augment, generator, runtime.channels_last))
             if isinstance(output, tuple):  # inception_v3 in training: (logits, aux_logits)
-                loss = loss_of(output[0], y) + 0.4 * loss_of(output[1], y)
+                loss = loss_of(output[0], y) + auxiliary_weight * loss_of(output[1], y)
             else:
                 loss = loss_of(output, y)
             optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,6 @@
 """The demo: the whole pipeline through DVC, offline, on the embedded synthetic data set.
 
-DEMO holds the small settings in one place (image count, pixel size, backbone, epochs), as `-S`
+DEMO holds the small settings (presets/demo.yaml: image count, pixel size, backbone, epochs), as `-S`
 overrides of params.yaml; `cxr demo` runs them as a DVC experiment named `demo` in a temporary
 directory (`dvc exp run --temp`), so the user's params.yaml and workspace stay as they were.
 """
@@ -13,29 +13,12 @@ from pathlib import Path
 
 import yaml
 
-# Sized for a 2-core CPU: about 3 minutes of training (resnet18 from scratch, 64 px).
-DEMO = {
-    "data.source": "synthetic",
-    "data.synthetic.images": 3000,
-    "data.synthetic.image_size": 128,
-    "data.synthetic.min_positives_per_label": 150,
-    "crop.pixels": 64,
-    "split.fraction": 1.0,
-    "model.backbone": "resnet18",
-    "model.pretrained": "none",
-    "model.head.hidden": [],
-    "model.head.dropout": 0.0,
-    "train.epochs": 8,
-    "train.batch_size": 32,
-    "train.optimizer": "adam",
-    "train.early_stopping_patience": None,
-    "evaluate.bootstrap": 200,
-}
+from experiments import presets
 
-
-# A table's image counts (the report's 76,200 / 9,478 / 25,250, say) do not fit the demo's ~3,000 images: at
-# smoke scale they become these fractions (random, patient) or NIH's lists as they are (official).
-SMOKE_FRACTIONS = [0.7, 0.1, 0.2]
+DEMO = presets.load("demo")
+# A table's image counts do not fit the demo's ~3,000 images: at smoke scale they become these fractions
+# (random, patient) or NIH's lists as they are (official); see presets/demo.yaml.
+SMOKE_FRACTIONS = DEMO["split.random.sizes"]
 
 
 def _flow(value) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cxr14 import compare
-from cxr14 import labels as L
+from cxr14.labels import split_labels
 
 PREDICTIONS = "data/evaluate/predictions.csv"
 
@@ -52,7 +52,7 @@ def pair(runs_a: list[pd.DataFrame], runs_b: list[pd.DataFrame]) -> Paired:
     shared = sorted(set.intersection(*(set(f["image"]) for f in frames)))
     names = [c[2:] for c in runs_a[0].columns if c.startswith("p_") and all(c in f.columns for f in frames)]
     first = runs_a[0].set_index("image").loc[shared]
-    y = np.stack([first["labels"].map(lambda text, n=n: n in L.split_labels(text)).to_numpy() for n in names],
+    y = np.stack([first["labels"].map(lambda text, n=n: n in split_labels(text)).to_numpy() for n in names],
                  axis=1).astype(int)
 
     def scores(frame: pd.DataFrame) -> np.ndarray:

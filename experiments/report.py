@@ -18,10 +18,9 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from cxr14 import labels as L
-from cxr14 import localize
-from cxr14 import params as P
+from cxr14 import labels, localize
 from cxr14.atomic import atomic_path
+from cxr14.params import apply, flatten
 from experiments import tables
 
 EVALUATE_PLOTS = "plots/evaluate/plots"
@@ -58,7 +57,7 @@ def read_json(path: str, rev: str | None):
 
 def chexnet_auroc() -> dict[str, float]:
     reference = next(c for c in tables.load()["final_vs_chexnet"].columns if c.reference)
-    return dict(zip(L.FINDINGS, reference.report["auroc"]))
+    return dict(zip(labels.FINDINGS, reference.report["auroc"]))
 
 
 def auroc_figure(result: dict) -> go.Figure:
@@ -239,7 +238,7 @@ def run_params(rev: str | None) -> dict:
     if lock.exists():
         for stage in (yaml.safe_load(lock.read_text()).get("stages") or {}).values():
             for values in (stage.get("params") or {}).values():
-                merged = P.apply(merged, P.flatten(values))
+                merged = apply(merged, flatten(values))
     return merged
 
 

@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from cxr14 import labels as L
-from cxr14 import params as P
 from cxr14.atomic import atomic_path
+from cxr14.labels import ALL_LABELS, FINDINGS
+from cxr14.params import apply, seed
+from cxr14.params import load as load_params
 from experiments import demo as demo_settings
 
 CATALOG = Path("tables.yaml")
@@ -110,7 +111,7 @@ def load(path: Path | None = None) -> dict[str, Table]:
         _check_why(f"{path}: table {name}", table.set, table.why)
         for column in columns:
             auroc = column.report.get("auroc")
-            if auroc is not None and len(auroc) != len(L.FINDINGS):
+            if auroc is not None and len(auroc) != len(FINDINGS):
                 raise ValueError(f"{path}: {name}/{column.name}: report.auroc has {len(auroc)} values, not 14")
             _check_why(f"{path}: {name}/{column.name}", column.set, column.why, column.same_run_as)
         tables[name] = table
@@ -127,7 +128,7 @@ def claim_metrics(task: str) -> tuple[str, ...]:
     """What a claim on a table of this task may compare: a binary table has one AUROC; the others their labels'."""
     if task == "binary":
         return ("binary",)
-    return ("macro", "micro", *(L.ALL_LABELS if task == "multilabel15" else L.FINDINGS))
+    return ("macro", "micro", *(ALL_LABELS if task == "multilabel15" else FINDINGS))
 
 
 def _claim(tables: dict[str, Table], table: Table, where: str, entry: dict) -> Claim:
@@ -258,7 +259,7 @@ def _same_params(name: str, wanted: dict[str, Any]) -> bool:
         have = dvc.api.params_show(rev=name)
     except Exception:  # the experiment is gone or unreadable: run it again
         return False
-    return have == P.apply(P.load(), wanted)
+    return have == apply(load_params(), wanted)
 
 
 def run(names: str | list[str], demo: bool = False, extra: list[str] = (), jobs: int = 1, seeds: int | None = None) -> int:
@@ -477,7 +478,7 @@ def results(table: Table, existing: set[str] | None = None) -> dict[str, list[di
 
 def row_names(table: Table) -> list[tuple[str, str]]:
     """(row kind, label or figure) in the order the report lays them out."""
-    names = L.ALL_LABELS if table.task == "multilabel15" else L.FINDINGS
+    names = ALL_LABELS if table.task == "multilabel15" else FINDINGS
     rows = []
     for kind in table.rows:
         if kind == "labels":
@@ -485,7 +486,7 @@ def row_names(table: Table) -> list[tuple[str, str]]:
         elif kind == "binary":
             rows += [("binary", n) for n in BINARY_ROWS]
         elif kind == "counts":
-            rows += [("counts", n) for n in L.ALL_LABELS]
+            rows += [("counts", n) for n in ALL_LABELS]
         elif kind == "images":
             rows.append(("images", "Training images"))
         else:
@@ -518,7 +519,7 @@ def reported(kind: str, key: str, column: Column):
     report = column.report or {}
     if kind == "labels":
         values = report.get("auroc")
-        return values[L.FINDINGS.index(key)] if values and key in L.FINDINGS else None
+        return values[FINDINGS.index(key)] if values and key in FINDINGS else None
     if kind == "binary":
         return (report.get("binary") or {}).get(key)
     if kind == "counts":
@@ -631,11 +632,11 @@ def show(name: str, out_dir: Path = Path("plots/tables"), rounds: int | None = N
     found = results(table, existing)
     claims, against_first = [], {}
     if rounds != 0:
-        params = P.load()
+        params = load_params()
         rounds = params["evaluate"]["bootstrap"] if rounds is None else rounds
         runs = evidence.Runs(existing)
-        claims = evidence.claim_verdicts(table, runs, rounds, P.seed(params))
-        against_first = evidence.baseline_differences(table, runs, rounds, P.seed(params))
+        claims = evidence.claim_verdicts(table, runs, rounds, seed(params))
+        against_first = evidence.baseline_differences(table, runs, rounds, seed(params))
     text = markdown(table, found) + evidence.markdown(claims, against_first)
     with atomic_path(out_dir / f"{name}.md") as tmp:
         tmp.write_text(text)

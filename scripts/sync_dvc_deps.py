@@ -2,7 +2,7 @@
 
     python scripts/sync_dvc_deps.py [--check]
 
-Each stage's `python -m MODULE` is read from its cmd; its `- cxr14/...py`, `- stages/...py` and
+Each stage's `python -m MODULE` is read from its cmd; its `- cli/...py`, `- cxr14/...py`, `- stages/...py` and
 `- experiments/...py` deps are replaced by cxr14.imports.project_files(MODULE), in place, keeping every
 other line (data deps, comments) as it is. `--check` only says which stages differ (exit 1 if any).
 tests/test_dvc_graph.py makes the same comparison.
@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from cxr14 import imports  # noqa: E402
 
-CODE = re.compile(r"^      - (?:cxr14|stages|experiments)/\S+\.py\s*$")
+CODE = re.compile(r"^      - (?:cli|cxr14|stages|experiments)/\S+\.py\s*$")
 
 
 def synced(text: str) -> tuple[str, list[str]]:

@@ -1,4 +1,4 @@
 """The pipeline, one module per DVC stage, in order (each runs as `python -m stages.<name>`):
 
-download -> filter -> crop -> split -> resample -> train -> evaluate
+check -> weights, download -> filter -> crop -> split -> resample -> train -> evaluate -> localize
 """

@@ -36,10 +36,10 @@ import pandas as pd
 
 from cxr14 import boxes, labels, progress, synthetic
 from cxr14 import metadata as md
-from cxr14 import params as P
 from cxr14.atomic import atomic_path, write_csv, write_json
 from cxr14.fetch import DISK_ERRNOS, DownloadError, digest, file_size, resume
 from cxr14.images import ArchiveError, list_archive, scan_local
+from cxr14.params import PARAMS_FILE, ParamError, Section, StageError, load, section, seed
 from cxr14.stage import worker_process
 
 RAW = Path("data/raw")
@@ -53,7 +53,7 @@ FEW_POSITIVES = 10  # fewer positive images of a label than this: its AUROC is u
 class DataConfig:
     source: str
     local_dir: str | None
-    metadata: str | None  # None = NIH's Data_Entry_2017_v2020.csv.gz
+    metadata: str  # NIH's data/reference/Data_Entry_2017_v2020.csv.gz, or the user's own CSV (source local)
     archives_table: str
     archives: list[str] | None  # None = all
     verify_md5: bool
@@ -69,43 +69,38 @@ class DataConfig:
 
 
 def check(params: dict) -> DataConfig:
-    data = P.section(params, "data")
+    data = section(params, "data")
     source = data.choice("source", SOURCES)
     local_dir = data.get("local_dir")
     if source == "local" and not (isinstance(local_dir, str) and local_dir.strip()):
-        raise P.ParamError("data.local_dir", local_dir, "the folder holding your NIH archives or PNGs (data.source is local)")
+        raise ParamError("data.local_dir", local_dir, "the folder holding your NIH archives or PNGs (data.source is local)")
     if source == "local" and not Path(local_dir).expanduser().is_dir():
-        raise P.ParamError("data.local_dir", local_dir, "the folder holding your NIH archives or PNGs (data.source is "
-                                                        "local), but there is no folder there")
-    metadata = data.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, str) or not metadata.strip():
-            raise P.ParamError("data.metadata", metadata, "null (NIH's metadata) or the path of your Data_Entry-style CSV")
-        if source != "local":
-            raise P.ParamError("data.metadata", metadata, f"null with data.source {source} (its images are NIH's, listed "
-                                                          "by NIH's metadata); your own CSV goes with data.source local")
-        if not Path(metadata).expanduser().is_file():
-            raise P.ParamError("data.metadata", metadata, "the path of your Data_Entry-style CSV, but no file is there "
-                                                          "(or null for NIH's metadata)")
+        raise ParamError("data.local_dir", local_dir, "the folder holding your NIH archives or PNGs (data.source is "
+                                                      "local), but there is no folder there")
+    metadata = tracked_file(data, "metadata", "the path of NIH's metadata (data/reference/Data_Entry_2017_v2020.csv.gz) "
+                                              "or of your own Data_Entry-style CSV")
+    if source != "local" and not md.is_nih_metadata(metadata):
+        raise ParamError("data.metadata", metadata, f"NIH's metadata, {md.REFERENCE / md.METADATA_FILE}, with data.source "
+                                                    f"{source} (its images are NIH's, listed by NIH's metadata); your own "
+                                                    "CSV goes with data.source local")
     dl = data.section("download")
     archives = dl.get("archives")
     if archives != "all" and not (isinstance(archives, list) and all(isinstance(a, str) for a in archives)):
-        raise P.ParamError("data.download.archives", archives, "all, or a list of archive names such as [images_001.tar.gz]")
+        raise ParamError("data.download.archives", archives, "all, or a list of archive names such as [images_001.tar.gz]")
+    table_path = tracked_file(dl, "archives_table", "the path of the archive table, such as "
+                                                    "data/reference/nih_image_archives.tsv")
     if source == "nih" and archives != "all":  # the table is small: names it lacks are found now, not in the stage
-        table_path = dl.get("archives_table")
-        if not isinstance(table_path, str):
-            raise P.ParamError("data.download.archives_table", table_path, "the path of the archive table")
         table = md.read_archive_table(table_path)
         unknown = sorted(set(archives) - set(table["archive"]))
         if unknown:
             listed = list(table["archive"])
-            raise P.ParamError("data.download.archives", unknown if len(unknown) > 1 else unknown[0],
-                               f"names from {table_path}: "
-                               + ", ".join(listed[:3]) + (f", ... {listed[-1]}" if len(listed) > 3 else ""))
+            raise ParamError("data.download.archives", unknown if len(unknown) > 1 else unknown[0],
+                             f"names from {table_path}: "
+                             + ", ".join(listed[:3]) + (f", ... {listed[-1]}" if len(listed) > 3 else ""))
     syn = data.section("synthetic")
     config = DataConfig(
         source=source, local_dir=local_dir, metadata=metadata,
-        archives_table=dl.get("archives_table"),
+        archives_table=table_path,
         archives=None if archives == "all" else archives,
         verify_md5=dl.boolean("verify_md5"),
         workers=dl.number("workers", low=1, integer=True),
@@ -116,11 +111,25 @@ def check(params: dict) -> DataConfig:
         image_size=syn.number("image_size", low=32, integer=True),
         min_positives_per_label=syn.number("min_positives_per_label", low=0, integer=True),
         max_images_per_patient=syn.number("max_images_per_patient", low=1, integer=True),
-        seed=P.seed(params),
+        seed=seed(params),
     )
-    for section in (dl, syn, data):
-        section.finish()
+    for settings in (dl, syn, data):
+        settings.finish()
     return config
+
+
+def tracked_file(section: Section, name: str, valid: str) -> str:
+    """A file that a param names and dvc.yaml makes a dep of this stage (`${data....}`), so that an edit of the
+    file reruns it: it must be there, at a path DVC reads as the stage does (DVC does not expand ~)."""
+    path = section.get(name)
+    if not isinstance(path, str) or not path.strip():
+        raise ParamError(section.key(name), path, valid)
+    if path.startswith("~"):
+        raise ParamError(section.key(name), path, f"{valid}, written out: DVC, which tracks the file, does not "
+                                                  f"expand ~ ({Path(path).expanduser()})")
+    if not Path(path).is_file():
+        raise ParamError(section.key(name), path, f"{valid}, but no file is there")
+    return path
 
 
 # ---------------------------------------------------------------- nih: resumable, verified downloads
@@ -198,10 +207,6 @@ def download_nih(config: DataConfig, directory: Path, table: pd.DataFrame, store
     store.mkdir(parents=True, exist_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_synthetic(directory)
-    for row in table.itertuples(index=False):  # an earlier version downloaded into data/raw/archives itself
-        for name in (row.archive, f"{row.archive}.part", f".{row.archive}.verified"):
-            if (directory / name).exists() and not (store / name).exists():
-                os.replace(directory / name, store / name)
     needed = sum(int(row.bytes) - file_size(store / row.archive) - file_size(store / f"{row.archive}.part")
                  for row in table.itertuples(index=False) if file_size(store / row.archive) != row.bytes)
     free = shutil.disk_usage(store).free
@@ -282,16 +287,16 @@ def make_synthetic(config: DataConfig, directory: Path, metadata: pd.DataFrame) 
     downloads = sorted(p.name for p in directory.glob("*.part")) + sorted(
         p.name[1:].removesuffix(".verified") for p in directory.glob(".*.verified"))
     if downloads:  # the synthetic archives carry the same names: never overwrite hours of download
-        raise P.StageError(f"{directory} holds downloaded NIH archives ({', '.join(downloads[:3])}"
-                           f"{', ...' if len(downloads) > 3 else ''}) that synthetic archives of the same names "
-                           "would replace: move them away, or run the synthetic set in another workspace "
-                           "(dvc exp run --temp)")
+        raise StageError(f"{directory} holds downloaded NIH archives ({', '.join(downloads[:3])}"
+                         f"{', ...' if len(downloads) > 3 else ''}) that synthetic archives of the same names "
+                         "would replace: move them away, or run the synthetic set in another workspace "
+                         "(dvc exp run --temp)")
     _remove_synthetic(directory)
     foreign = sorted(p.name for p in directory.glob("*.tar.gz") if not (directory / f".{p.name}.synthetic").exists())
     if foreign:  # a complete download whose stamp was never written (killed at that instant), or copied in by hand
-        raise P.StageError(f"{directory} holds archives this stage did not write ({', '.join(foreign[:3])}"
-                           f"{', ...' if len(foreign) > 3 else ''}): move them away, or run the synthetic set in "
-                           "another workspace (dvc exp run --temp)")
+        raise StageError(f"{directory} holds archives this stage did not write ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}): move them away, or run the synthetic set in "
+                         "another workspace (dvc exp run --temp)")
     for stale in directory.glob(".*.synthetic"):
         stale.unlink()
     groups = list(drawn.groupby("archive"))
@@ -335,9 +340,9 @@ def check_no_duplicates(places: dict[str, list[str]], wanted: set[str], local_di
         root = Path(local_dir).expanduser().resolve()
         shown = "; ".join(f"{name} in " + " and ".join(os.path.relpath(p, root) for p in places[name])
                           for name in twice[:5])
-        raise P.StageError(f"data.local_dir = {local_dir!r}: {len(twice)} images are there more than once, so which "
-                           f"copy is read would depend on timing: {shown}{'; ...' if len(twice) > 5 else ''}. "
-                           "Keep one copy of each (move the others out of the folder) and run again")
+        raise StageError(f"data.local_dir = {local_dir!r}: {len(twice)} images are there more than once, so which "
+                         f"copy is read would depend on timing: {shown}{'; ...' if len(twice) > 5 else ''}. "
+                         "Keep one copy of each (move the others out of the folder) and run again")
 
 
 # ---------------------------------------------------------------- the stage
@@ -348,7 +353,7 @@ def read_nih(config: DataConfig, metadata: pd.DataFrame, directory: Path) -> tup
     if config.archives is not None:
         unknown = sorted(set(config.archives) - set(table["archive"]))
         if unknown:
-            raise P.ParamError("data.download.archives", unknown, "names from " + config.archives_table)
+            raise ParamError("data.download.archives", unknown, "names from " + config.archives_table)
         table = table[table["archive"].isin(config.archives)]
     download_nih(config, directory, table)
     found = metadata[where.loc[metadata["image"]].isin(table["archive"]).to_numpy()]
@@ -379,7 +384,7 @@ def write_local_note(directory: Path, local_dir: str) -> None:
 
 
 def _none_listed_hint(config: DataConfig) -> str:
-    if config.metadata:
+    if not md.is_nih_metadata(config.metadata):
         return (f"{config.metadata} (data.metadata): its Image Index column must hold the PNG file names, "
                 "such as 00000001_000.png")
     csvs = sorted(str(p) for p in Path(config.local_dir).expanduser().rglob("*.csv"))
@@ -398,8 +403,8 @@ def check_labels(metadata: pd.DataFrame, path: str) -> None:
         lower = {label.lower(): label for label in labels.ALL_LABELS}
         close = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.85)  # case, spaces, typos
         hint = f" (did you mean {lower[close[0]]}?)" if close else ""
-        raise P.StageError(f"{path}, the row of {metadata['image'].iloc[first]}, column Finding Labels: unknown label "
-                           f"{name!r}{hint}{more}; the labels are {', '.join(labels.ALL_LABELS)}, separated by |")
+        raise StageError(f"{path}, the row of {metadata['image'].iloc[first]}, column Finding Labels: unknown label "
+                         f"{name!r}{hint}{more}; the labels are {', '.join(labels.ALL_LABELS)}, separated by |")
 
 
 def few_positives(found: pd.DataFrame) -> dict[str, int]:
@@ -407,10 +412,10 @@ def few_positives(found: pd.DataFrame) -> dict[str, int]:
     return {name: n for name, n in labels.counts(found["labels"]).items() if n < FEW_POSITIVES}
 
 
-def main(params_path: str = P.PARAMS_FILE, out: Path = RAW, metrics: Path = Path("metrics/download.json")) -> None:
-    config = check(P.load(params_path))
+def main(params_path: str = PARAMS_FILE, out: Path = RAW, metrics: Path = Path("metrics/download.json")) -> None:
+    config = check(load(params_path))
     metadata = md.read_metadata(config.metadata)
-    check_labels(metadata, config.metadata or str(md.REFERENCE / md.METADATA_FILE))
+    check_labels(metadata, config.metadata)
     archives_dir = out / "archives"
     unlisted = 0
     try:
@@ -440,8 +445,8 @@ def main(params_path: str = P.PARAMS_FILE, out: Path = RAW, metrics: Path = Path
     except OSError as error:  # a full or read-only disk: one line naming the path
         if error.errno not in DISK_ERRNOS:
             raise
-        raise P.StageError(f"cannot write {error.filename or out}: {error.strerror}; free some space "
-                           "(or make the folder writable) and run again") from None
+        raise StageError(f"cannot write {error.filename or out}: {error.strerror}; free some space "
+                         "(or make the folder writable) and run again") from None
     print(f"download ({config.source}): {summary['found']:,} of the metadata's {summary['metadata_images']:,} images "
           f"found, {summary['missing']:,} missing; {summary['patients']:,} patients in {summary['archives']} archives "
           f"and {summary['png_files']:,} PNG files" + (f"; {unlisted:,} images of data.local_dir are not in the "

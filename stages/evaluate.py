@@ -17,11 +17,10 @@ import numpy as np
 import torch
 from dvclive import Live
 
-from cxr14 import gpus, models, packed_images, tasks
-from cxr14 import metrics as M
-from cxr14 import params as P
+from cxr14 import gpus, metrics, model_file, packed_images, tasks
 from cxr14.atomic import read_csv, write_csv, write_json
 from cxr14.batches import Batches, batch_order
+from cxr14.params import PARAMS_FILE, ParamError, check_number, load, section, seed
 from cxr14.runtime import DEVICES, Runtime, decide, predict
 
 THRESHOLD_RULES = ("f1", "pr_crossing")
@@ -29,16 +28,16 @@ THRESHOLD_RULES = ("f1", "pr_crossing")
 
 def check(params: dict) -> tuple[tasks.Task, dict]:
     task = tasks.check(params)
-    section = P.section(params, "evaluate")
+    settings = section(params, "evaluate")
     config = {
-        "bootstrap": section.number("bootstrap", low=0, integer=True),
-        "threshold": threshold_rule(section.get("threshold")),
-        "batch_size": section.number("batch_size", low=1, integer=True),
-        "device": section.choice("device", DEVICES),
-        "calibration_bins": section.number("calibration_bins", low=1, integer=True),
-        "seed": P.seed(params),
+        "bootstrap": settings.number("bootstrap", low=0, integer=True),
+        "threshold": threshold_rule(settings.get("threshold")),
+        "batch_size": settings.number("batch_size", low=1, integer=True),
+        "device": settings.choice("device", DEVICES),
+        "calibration_bins": settings.number("calibration_bins", low=1, integer=True),
+        "seed": seed(params),
     }
-    section.finish()
+    settings.finish()
     return task, config
 
 
@@ -48,24 +47,21 @@ def threshold_rule(value) -> str | float:
         return value
     valid = "one of " + ", ".join(THRESHOLD_RULES) + ", or a fixed threshold between 0 and 1 such as 0.91"
     if isinstance(value, str):
-        raise P.ParamError("evaluate.threshold", value, valid)
+        raise ParamError("evaluate.threshold", value, valid)
     try:
-        return P.check_number("evaluate.threshold", value, low=0, high=1, low_open=True)
-    except P.ParamError:
-        raise P.ParamError("evaluate.threshold", value, valid) from None
+        return check_number("evaluate.threshold", value, low=0, high=1, low_open=True)
+    except ParamError:
+        raise ParamError("evaluate.threshold", value, valid) from None
 
 
 def load_model(path: Path, task: tasks.Task, device: str) -> tuple[torch.nn.Module, int, Runtime]:
     """The trained network, its input side, and the runtime to run it in: evaluate.device, and the
     precision it was trained with (train.precision, recorded in the model file)."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if saved["task"] != asdict(task):
-        raise P.ParamError("task", asdict(task), f"the task the model in {path} was trained for: {saved['task']}")
-    runtime = decide(device, saved["precision"], key="evaluate.device")
-    config = models.ModelConfig(**{**saved["model"], "pretrained": "none"})
-    net = models.create_model(config, len(saved["names"]), saved["input_size"])
-    net.load_state_dict(saved["state_dict"])
-    return runtime.place(net).eval(), saved["input_size"], runtime
+    trained = model_file.load(path)
+    if trained.task != asdict(task):
+        raise ParamError("task", asdict(task), f"the task the model in {path} was trained for: {trained.task}")
+    runtime = decide(device, trained.precision, key="evaluate.device")
+    return runtime.place(trained.net).eval(), trained.input_size, runtime
 
 
 def top_label_confusion(y: np.ndarray, p: np.ndarray, names: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -77,21 +73,21 @@ def top_label_confusion(y: np.ndarray, p: np.ndarray, names: tuple[str, ...]) ->
 
 def evaluate(task: tasks.Task, config: dict, y_val, p_val, y, p, loss: float, patients: np.ndarray) -> dict:
     names = task.names
-    roc, prc = M.auroc(y, p, names), M.auprc(y, p, names)
+    roc, prc = metrics.auroc(y, p, names), metrics.auprc(y, p, names)
     result = {
         "images": len(y), "loss": loss,
         "auroc": roc["per_label"], "auroc_micro": roc["micro"], "auroc_macro": roc["macro"],
         "auprc": prc["per_label"], "auprc_macro": prc["macro"],
         "positives": {n: int(v) for n, v in zip(names, y.sum(axis=0))},
     }
-    calibration = M.calibration(y, p, names, config["calibration_bins"])
+    calibration = metrics.calibration(y, p, names, config["calibration_bins"])
     result.update({k: calibration[k] for k in ("ece", "ece_macro", "ece_adaptive", "ece_adaptive_macro")})
     if config["bootstrap"]:
-        ci = M.bootstrap_auroc(y, p, patients, config["bootstrap"], config["seed"])
+        ci = metrics.bootstrap_auroc(y, p, patients, config["bootstrap"], config["seed"])
         result["auroc_ci"] = dict(zip(names, ci["per_label"]))
         result["auroc_macro_ci"] = ci["macro"]
     result["at_threshold"] = {
-        n: M.at_threshold(y[:, j], p[:, j], M.choose_threshold(y_val[:, j], p_val[:, j], config["threshold"]))
+        n: metrics.at_threshold(y[:, j], p[:, j], metrics.choose_threshold(y_val[:, j], p_val[:, j], config["threshold"]))
         for j, n in enumerate(names)}
     if task.kind == "binary":
         scores = result["at_threshold"][task.target]
@@ -106,7 +102,7 @@ def reliability_points(names: tuple[str, ...], y: np.ndarray, p: np.ndarray, bin
     """Each label's equal-width reliability curve as rows (label, mean predicted, observed frequency, images)."""
     rows = []
     for j, name in enumerate(names):
-        curve = M.reliability(y[:, j], p[:, j], bins)
+        curve = metrics.reliability(y[:, j], p[:, j], bins)
         rows += [{"label": name, "mean_predicted": float(a), "observed": float(b), "images": int(n)}
                  for a, b, n in zip(curve["predicted"], curve["observed"], curve["count"])]
     return rows
@@ -133,7 +129,7 @@ def write_plots(live_dir: Path, task: tasks.Task, result: dict, y_val, p_val, y,
         actual, predicted = top_label_confusion(y, p, names)
         live.log_sklearn_plot("confusion_matrix", actual, predicted, name="confusion_matrix")
     # The report picks the binary threshold from this curve; for several labels it pools them all.
-    precision, recall, thresholds = M.precision_recall_curve(y_val.ravel(), p_val.ravel())
+    precision, recall, thresholds = metrics.precision_recall_curve(y_val.ravel(), p_val.ravel())
     step = max(1, len(thresholds) // 200)
     live.log_plot("threshold", [{"threshold": float(t), "precision": float(a), "recall": float(b)}
                                 for t, a, b in zip(thresholds[::step], precision[::step], recall[::step])],
@@ -141,10 +137,10 @@ def write_plots(live_dir: Path, task: tasks.Task, result: dict, y_val, p_val, y,
     live.end()
 
 
-def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), split_dir: Path = Path("data/split"),
-         model_path: Path = Path("data/train/model.pt"), out: Path = Path("data/evaluate"),
+def main(params_path: str = PARAMS_FILE, cropped: Path = Path("data/crop"), split_dir: Path = Path("data/split"),
+         model_path: Path = Path(model_file.PATH), out: Path = Path("data/evaluate"),
          metrics_path: Path = Path("metrics/evaluate.json"), live_dir: Path = Path("plots/evaluate")) -> None:
-    task, config = check(P.load(params_path))
+    task, config = check(load(params_path))
     with gpus.held(config["device"], 1, "evaluate.device"):  # a GPU of its own while it predicts (cxr14/gpus.py)
         net, size, runtime = load_model(model_path, task, config["device"])
         images = packed_images.load(cropped / packed_images.IMAGES_FILE)
@@ -162,7 +158,7 @@ def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), sp
     write_csv(out / "predictions.csv", predictions)
     write_json(metrics_path, result)
     write_plots(live_dir, task, result, y_val, p_val, y, p, config["calibration_bins"])
-    M.print_table(task, result)
+    metrics.print_table(task, result)
 
 
 if __name__ == "__main__":

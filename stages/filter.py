@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr14 import metadata as md
-from cxr14 import params as P
 from cxr14.atomic import read_csv, write_csv, write_json
+from cxr14.params import PARAMS_FILE, ParamError, StageError, load, section
 
 VIEWS = ("PA", "AP")
 
@@ -22,18 +22,18 @@ class FilterConfig:
 
 
 def check(params: dict) -> FilterConfig:
-    section = P.section(params, "filter")
-    views = section.get("views")
+    settings = section(params, "filter")
+    views = settings.get("views")
     if not isinstance(views, list) or not views or any(v not in VIEWS for v in views):
-        raise P.ParamError("filter.views", views, f"a non-empty list drawn from {list(VIEWS)}")
-    config = FilterConfig(blacklist=section.boolean("blacklist"), views=views)
-    section.finish()
+        raise ParamError("filter.views", views, f"a non-empty list drawn from {list(VIEWS)}")
+    config = FilterConfig(blacklist=settings.boolean("blacklist"), views=views)
+    settings.finish()
     return config
 
 
-def main(params_path: str = P.PARAMS_FILE, raw: Path = Path("data/raw"), out: Path = Path("data/filter"),
+def main(params_path: str = PARAMS_FILE, raw: Path = Path("data/raw"), out: Path = Path("data/filter"),
          metrics: Path = Path("metrics/filter.json")) -> None:
-    config = check(P.load(params_path))
+    config = check(load(params_path))
     index = read_csv(raw / "metadata.csv")
     keep = index["view"].isin(config.views)
     dropped = {"view": int((~keep).sum())}
@@ -43,7 +43,7 @@ def main(params_path: str = P.PARAMS_FILE, raw: Path = Path("data/raw"), out: Pa
             dropped[f"blacklist_{reason}"] = int(hit.sum())
             keep &= ~hit
     if not keep.any():
-        raise P.StageError(nothing_kept(index, config, dropped, raw / "metadata.csv"))
+        raise StageError(nothing_kept(index, config, dropped, raw / "metadata.csv"))
     kept = index[keep].reset_index(drop=True)
     write_csv(out / "index.csv", kept)
     write_json(metrics, {"images_in": len(index), "images_kept": len(kept), "dropped": dropped})

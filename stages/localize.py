@@ -25,12 +25,10 @@ import torch
 import torch.nn.functional as F
 from PIL import ImageDraw
 
-from cxr14 import boxes as B
-from cxr14 import cam, gpus, models, packed_images, progress
-from cxr14 import localize as L
-from cxr14 import params as P
+from cxr14 import backbones, boxes, cam, gpus, localize, model_file, models, packed_images, progress
 from cxr14.atomic import atomic_path, read_csv, write_json
 from cxr14.batches import prepare
+from cxr14.params import PARAMS_FILE, ParamError, Section, check_number, load, section, seed
 from cxr14.runtime import DEVICES, decide
 
 NIH_SIDE = 1024  # NIH's PNGs, and the coordinates of its box list, are 1024 x 1024 pixels
@@ -53,62 +51,60 @@ class LocalizeConfig:
     original_side: int            # the original images' side: NIH's 1024, or data.synthetic.image_size
 
 
-def _fractions(section: P.Section, name: str) -> list[float]:
+def _fractions(section: Section, name: str) -> list[float]:
     values = section.get(name)
     valid = "a non-empty list of numbers between 0 and 1, such as [0.1, 0.25, 0.5]"
     if not isinstance(values, list) or not values:
-        raise P.ParamError(section.key(name), values, valid)
+        raise ParamError(section.key(name), values, valid)
     try:
-        return [P.check_number(section.key(name), v, low=0, high=1) for v in values]
-    except P.ParamError:
-        raise P.ParamError(section.key(name), values, valid) from None
+        return [check_number(section.key(name), v, low=0, high=1) for v in values]
+    except ParamError:
+        raise ParamError(section.key(name), values, valid) from None
 
 
 def check(params: dict) -> LocalizeConfig:
-    section = P.section(params, "localize")
-    method = section.choice("method", cam.METHODS)
-    findings = section.get("findings")
-    if not isinstance(findings, list) or not findings or any(f not in B.BOXED_FINDINGS for f in findings):
-        raise P.ParamError("localize.findings", findings, "a non-empty list of NIH's boxed findings: "
-                           + ", ".join(B.BOXED_FINDINGS))
+    settings = section(params, "localize")
+    method = settings.choice("method", cam.METHODS)
+    findings = settings.get("findings")
+    if not isinstance(findings, list) or not findings or any(f not in boxes.BOXED_FINDINGS for f in findings):
+        raise ParamError("localize.findings", findings, "a non-empty list of NIH's boxed findings: "
+                         + ", ".join(boxes.BOXED_FINDINGS))
     config = LocalizeConfig(
         method=method,
-        thresholds=_fractions(section, "thresholds"),
-        iobb_thresholds=_fractions(section, "iobb_thresholds"),
-        iou_thresholds=_fractions(section, "iou_thresholds"),
+        thresholds=_fractions(settings, "thresholds"),
+        iobb_thresholds=_fractions(settings, "iobb_thresholds"),
+        iou_thresholds=_fractions(settings, "iou_thresholds"),
         findings=findings,
-        gallery=section.number("gallery", low=0, integer=True),
-        batch_size=section.number("batch_size", low=1, integer=True),
-        device=section.choice("device", DEVICES),
-        seed=P.seed(params),
-        fraction=P.section(params, "crop").number("fraction", low=0, high=1, low_open=True),
+        gallery=settings.number("gallery", low=0, integer=True),
+        batch_size=settings.number("batch_size", low=1, integer=True),
+        device=settings.choice("device", DEVICES),
+        seed=seed(params),
+        fraction=section(params, "crop").number("fraction", low=0, high=1, low_open=True),
         original_side=_original_side(params),
     )
-    section.finish()
+    settings.finish()
     model = models.check(params)
-    if method == "cam" and (model.hidden or (model.backbone in ("vgg16", "mobilenet_v3_small") and model.top != "pooled")):
-        raise P.ParamError("localize.method", "cam", "gradcam: plain CAM needs the pooled conv features followed by one "
-                           f"linear layer, and the model has model.head.hidden = {model.hidden}, model.top = {model.top} "
-                           f"({model.backbone}); set model.head.hidden: [] (and model.top: pooled for vgg16 and "
-                           "mobilenet_v3_small) or use gradcam")
+    if method == "cam" and (model.hidden or model.top not in backbones.get(model.backbone).cam_tops):
+        raise ParamError("localize.method", "cam", "gradcam: plain CAM needs the pooled conv features followed by one "
+                         f"linear layer, and the model has model.head.hidden = {model.hidden}, model.top = {model.top} "
+                         f"({model.backbone}); set model.head.hidden: [] (and model.top: pooled for "
+                         f"{' and '.join(backbones.pooled_for_cam())}) or use gradcam")
     return config
 
 
 def _original_side(params: dict) -> int:
-    data = P.section(params, "data")
+    data = section(params, "data")
     if data.get("source") == "synthetic":
         return data.section("synthetic").number("image_size", low=8, integer=True)
     return NIH_SIDE
 
 
-def load_model(path: Path, device: str) -> tuple[torch.nn.Module, list[str], int, torch.device]:
-    """The trained network in eval mode (fp32: gradients want it), its label names, its input side, its device."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    runtime = decide(device, "fp32", key="localize.device")
-    config = models.ModelConfig(**{**saved["model"], "pretrained": "none"})
-    net = models.create_model(config, len(saved["names"]), saved["input_size"])
-    net.load_state_dict(saved["state_dict"])
-    return net.to(runtime.device).eval(), list(saved["names"]), saved["input_size"], runtime.device
+def load_model(path: Path, device: str) -> tuple[model_file.TrainedModel, torch.device]:
+    """The trained model, its network in eval mode in fp32 (gradients want it) on localize.device; that device."""
+    trained = model_file.load(path)
+    where = decide(device, "fp32", key="localize.device").device
+    trained.net.to(where)
+    return trained, where
 
 
 def pairs_to_score(test: pd.DataFrame, truth: pd.DataFrame, names: list[str], findings: list[str]) -> tuple[pd.DataFrame, dict]:
@@ -128,40 +124,40 @@ def pairs_to_score(test: pd.DataFrame, truth: pd.DataFrame, names: list[str], fi
     return pairs.sort_values(["label", "image"], ignore_index=True), counts
 
 
-def heatmaps(net, images, pairs: pd.DataFrame, names: list[str], size: int, device: torch.device,
+def heatmaps(model: model_file.TrainedModel, images, pairs: pd.DataFrame, device: torch.device,
              method: str) -> tuple[np.ndarray, np.ndarray]:
     """Each pair's heatmap at the target layer's grid [n, h, w], and upsampled to the packed side S [n, S, S]."""
     x = torch.from_numpy(np.ascontiguousarray(images[pairs["row"].to_numpy()])).unsqueeze(1).to(device)
-    grid = cam.class_heatmaps(net, prepare(x, size, None, None), [names.index(n) for n in pairs["label"]], method,
-                              upsample=False)
+    grid = cam.class_heatmaps(model.net, model.config.backbone, prepare(x, model.input_size, None, None),
+                              [model.names.index(n) for n in pairs["label"]], method, upsample=False)
     return grid.cpu().numpy(), _resize(grid, images.shape[-1]).cpu().numpy()
 
 
-def score_all(net, images, pairs: pd.DataFrame, names: list[str], size: int, device: torch.device, truth: pd.DataFrame,
-              crop: L.Crop, config: LocalizeConfig, bar, task) -> tuple[pd.DataFrame, pd.DataFrame, tuple[int, int]]:
+def score_all(model: model_file.TrainedModel, images, pairs: pd.DataFrame, device: torch.device, truth: pd.DataFrame,
+              crop: localize.Crop, config: LocalizeConfig, bar, task) -> tuple[pd.DataFrame, pd.DataFrame, tuple[int, int]]:
     """Scores of the heatmaps and of the random baseline, batch by batch (no heatmap is kept), and the heatmap grid."""
-    grid = feature_grid(net, size, device, config.method)
+    grid = feature_grid(model, device, config.method)
     grouped = boxes_by_pair(truth)
     ours, chance = [], []
     for start in range(0, len(pairs), config.batch_size):
         chunk = pairs.iloc[start:start + config.batch_size]
         keys = list(range(start, start + len(chunk)))
-        ours.append(score(chunk, keys, *heatmaps(net, images, chunk, names, size, device, config.method), grouped, crop,
-                          config))
-        noise = L.random_heatmaps(keys, grid, config.seed)
+        ours.append(score(chunk, keys, *heatmaps(model, images, chunk, device, config.method), grouped, crop, config))
+        noise = localize.random_heatmaps(keys, grid, config.seed)
         chance.append(score(chunk, keys, noise, _resize(torch.from_numpy(noise).float(), images.shape[-1]).numpy(),
                             grouped, crop, config))
         bar.advance(task)
     return pd.concat(ours, ignore_index=True), pd.concat(chance, ignore_index=True), grid
 
 
-def feature_grid(net, size: int, device: torch.device, method: str) -> tuple[int, int]:
-    """The spatial size of the heatmap's layer for a `size` input (the random baseline is drawn at it)."""
+def feature_grid(model: model_file.TrainedModel, device: torch.device, method: str) -> tuple[int, int]:
+    """The spatial size of the heatmap's layer for the network's input side (the random baseline is drawn at it)."""
     seen = []
-    handle = cam.target_layer(net, method).register_forward_hook(lambda m, a, output: seen.append(output.shape[-2:]))
+    layer = cam.target_layer(model.net, model.config.backbone, method)
+    handle = layer.register_forward_hook(lambda m, a, output: seen.append(output.shape[-2:]))
     try:
         with torch.no_grad():
-            net(torch.zeros(1, 3, size, size, device=device))
+            model.net(torch.zeros(1, 3, model.input_size, model.input_size, device=device))
     finally:
         handle.remove()
     return tuple(int(v) for v in seen[0])
@@ -175,7 +171,7 @@ def _resize(maps: torch.Tensor, side: int) -> torch.Tensor:
 
 def pointer(grid_map: np.ndarray, side: int) -> tuple[float, float] | None:
     """Where a heatmap points, in packed pixels: the centre of its highest cell at its own grid."""
-    point = L.peak(grid_map)
+    point = localize.peak(grid_map)
     return None if point is None else (point[0] * side / grid_map.shape[1], point[1] * side / grid_map.shape[0])
 
 
@@ -185,17 +181,18 @@ def boxes_by_pair(truth: pd.DataFrame) -> dict[tuple[str, str], np.ndarray]:
 
 
 def score(pairs: pd.DataFrame, keys: list[int], grid_maps: np.ndarray, maps: np.ndarray,
-          grouped: dict[tuple[str, str], np.ndarray], crop: L.Crop, config: LocalizeConfig) -> pd.DataFrame:
+          grouped: dict[tuple[str, str], np.ndarray], crop: localize.Crop, config: LocalizeConfig) -> pd.DataFrame:
     """One row per true box: its best IoBB and IoU over the boxes of the heatmap (upsampled: `maps`), and whether
     the heatmap (at its grid) points into a box of that finding (the same for every box of the pair)."""
     rows = []
     for i, key, pair in zip(range(len(pairs)), keys, pairs.itertuples(index=False)):
         true = grouped[(pair.image, pair.label)]
-        predicted = crop.to_original(L.heatmap_boxes(maps[i], config.thresholds))
-        hit = L.inside(crop.point_to_original(pointer(grid_maps[i], maps.shape[-1])), true)
+        predicted = crop.to_original(localize.heatmap_boxes(maps[i], config.thresholds))
+        hit = localize.inside(crop.point_to_original(pointer(grid_maps[i], maps.shape[-1])), true)
         for box in true:
             rows.append({"pair": key, "image": pair.image, "label": pair.label,
-                         "iobb": L.best(L.iobb(predicted, box)), "iou": L.best(L.iou(predicted, box)), "pointing": hit})
+                         "iobb": localize.best(localize.iobb(predicted, box)),
+                         "iou": localize.best(localize.iou(predicted, box)), "pointing": hit})
     return pd.DataFrame(rows, columns=["pair", "image", "label", "iobb", "iou", "pointing"])
 
 
@@ -211,7 +208,7 @@ def summarize(scores: pd.DataFrame, findings: list[str], config: LocalizeConfig)
 
     out["pointing"] = with_mean({f: float(rows.drop_duplicates("pair")["pointing"].mean()) for f, rows in per.items()})
     for kind, thresholds in (("iobb", config.iobb_thresholds), ("iou", config.iou_thresholds)):
-        by_t = {f: L.accuracy(rows[kind].to_numpy(), thresholds) for f, rows in per.items()}
+        by_t = {f: localize.accuracy(rows[kind].to_numpy(), thresholds) for f, rows in per.items()}
         out[f"accuracy_{kind}"] = {f"{t:g}": with_mean({f: by_t[f][f"{t:g}"] for f in present}) for t in thresholds}
         out[f"mean_{kind}"] = with_mean({f: float(rows[kind].mean()) for f, rows in per.items()})
     return out
@@ -248,7 +245,7 @@ def draw(image: np.ndarray, heatmap: np.ndarray, point, true: np.ndarray, predic
 
 
 def write_gallery(folder: Path, picks: list[tuple[str, str, int]], grid_maps: np.ndarray, maps: np.ndarray,
-                  pairs: pd.DataFrame, images, truth: pd.DataFrame, scores: pd.DataFrame, crop: L.Crop,
+                  pairs: pd.DataFrame, images, truth: pd.DataFrame, scores: pd.DataFrame, crop: localize.Crop,
                   config: LocalizeConfig) -> list[dict]:
     """The picked pairs' overlays as PNGs in folder/images (their heatmaps at their grid and upsampled, in the
     order of `picks`), and gallery.json listing them. A file is named by finding, kind and number, not by the
@@ -264,7 +261,7 @@ def write_gallery(folder: Path, picks: list[tuple[str, str, int]], grid_maps: np
     for (label, kind, pair), grid_map, heatmap in zip(picks, grid_maps, maps):
         row = pairs.iloc[pair]
         true = crop.to_packed(grouped[(row.image, label)])
-        predicted = L.heatmap_boxes(heatmap, config.thresholds)
+        predicted = localize.heatmap_boxes(heatmap, config.thresholds)
         mine = scores[scores["pair"] == pair]
         number = sum(e["finding"] == label and e["kind"] == kind for e in listed) + 1
         entry = {"file": f"{GALLERY_IMAGES}/{label}_{kind}_{number}.png", "image": row.image, "finding": label,
@@ -281,19 +278,20 @@ def write_gallery(folder: Path, picks: list[tuple[str, str, int]], grid_maps: np
 
 def empty_result(config: LocalizeConfig, counts: dict, note: str) -> dict:
     return {"method": config.method, **counts, "boxes_scored": 0, "note": note,
-            "model": {}, "random": {}, "wang_2017": L.WANG_2017}
+            "model": {}, "random": {}, "wang_2017": localize.WANG_2017}
 
 
-def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), split_dir: Path = Path("data/split"),
-         raw: Path = Path("data/raw"), model_path: Path = Path("data/train/model.pt"),
+def main(params_path: str = PARAMS_FILE, cropped: Path = Path("data/crop"), split_dir: Path = Path("data/split"),
+         raw: Path = Path("data/raw"), model_path: Path = Path(model_file.PATH),
          metrics_path: Path = Path("metrics/localize.json"), gallery_dir: Path = Path("plots/localize")) -> None:
-    config = check(P.load(params_path))
-    truth = B.read(raw / "bboxes.csv")
+    config = check(load(params_path))
+    truth = boxes.read(raw / "bboxes.csv")
     test = read_csv(split_dir / "test.csv")
     images = packed_images.load(cropped / packed_images.IMAGES_FILE)
-    crop = L.Crop(config.original_side, config.original_side, config.fraction, images.shape[-1])
+    crop = localize.Crop(config.original_side, config.original_side, config.fraction, images.shape[-1])
     with gpus.held(config.device, 1, "localize.device"):
-        net, names, size, device = load_model(model_path, config.device)
+        model, device = load_model(model_path, config.device)
+        names = list(model.names)
         pairs, counts = pairs_to_score(test, truth, names, config.findings)
         truth = truth[truth["label"].isin(config.findings)]
         for name in counts["findings_not_predicted"]:
@@ -309,20 +307,20 @@ def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), sp
             return
         with progress.items() as bar:
             task = bar.add_task(f"localize: {config.method} heatmaps", total=-(-len(pairs) // config.batch_size))
-            scores, random_scores, grid = score_all(net, images, pairs, names, size, device, truth, crop, config, bar, task)
+            scores, random_scores, grid = score_all(model, images, pairs, device, truth, crop, config, bar, task)
         picks = gallery_picks(scores, config.gallery)
         chosen = pairs.iloc[[pair for _, _, pair in picks]]
-        drawn = [heatmaps(net, images, chosen.iloc[i:i + config.batch_size], names, size, device, config.method)
+        drawn = [heatmaps(model, images, chosen.iloc[i:i + config.batch_size], device, config.method)
                  for i in range(0, len(chosen), config.batch_size)]
     result = {"method": config.method, **counts, "boxes_scored": len(scores), "images_scored": int(pairs["image"].nunique()),
               "heatmap_grid": list(grid), "note": "",
               "model": summarize(scores, config.findings, config),
               "random": summarize(random_scores, config.findings, config),
-              "wang_2017": L.WANG_2017}
+              "wang_2017": localize.WANG_2017}
     write_json(metrics_path, result)
     write_gallery(gallery_dir, picks, [g for grid_maps, _ in drawn for g in grid_maps],
                   [m for _, maps in drawn for m in maps], pairs, images, truth, scores, crop, config)
-    L.print_table(result, config.findings)
+    localize.print_table(result, config.findings)
     print(f"localize: {counts['test_images_without_boxes']} test images without boxes skipped; "
           f"{counts['boxes_not_in_test']} listed boxes are on images outside the test part")
 

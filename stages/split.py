@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr14 import labels as L
+from cxr14 import labels
 from cxr14 import metadata as md
-from cxr14 import params as P
 from cxr14.atomic import read_csv, write_csv, write_json
+from cxr14.params import PARAMS_FILE, ParamError, Section, load, section, seed
 
 PARTS = ("train", "val", "test")
 METHODS = ("random", "patient", "official")
@@ -55,9 +55,9 @@ VALID_SIZES = {
 
 
 def check(params: dict) -> SplitConfig:
-    section = P.section(params, "split")
-    method = section.choice("method", METHODS)
-    methods = {name: section.section(name) for name in METHODS}  # all three are checked: a typo anywhere is found
+    settings = section(params, "split")
+    method = settings.choice("method", METHODS)
+    methods = {name: settings.section(name) for name in METHODS}  # all three are checked: a typo anywhere is found
     read = {name: _sizes(part, name) for name, part in methods.items()}
     # 1 would leave no train part
     val_fraction = methods["official"].number("val_fraction", low=0, high=1, low_open=True, high_open=True)
@@ -66,36 +66,36 @@ def check(params: dict) -> SplitConfig:
     sizes, counts = read[method]
     config = SplitConfig(
         method=method, sizes=sizes, counts=counts, val_fraction=val_fraction,
-        drop_no_finding=section.boolean("drop_no_finding"),
-        fraction=section.number("fraction", low=0, high=1, low_open=True),
-        fraction_of=section.choice("fraction_of", FRACTION_OF),
-        stratify=section.boolean("stratify"),
-        seed=P.seed(params),
+        drop_no_finding=settings.boolean("drop_no_finding"),
+        fraction=settings.number("fraction", low=0, high=1, low_open=True),
+        fraction_of=settings.choice("fraction_of", FRACTION_OF),
+        stratify=settings.boolean("stratify"),
+        seed=seed(params),
     )
-    section.finish()
+    settings.finish()
     return config
 
 
-def _sizes(section: P.Section, method: str) -> tuple[list | None, bool]:
+def _sizes(section: Section, method: str) -> tuple[list | None, bool]:
     """split.<method>.sizes: (the sizes, whether they are image counts)."""
     sizes, key, valid = section.get("sizes"), section.key("sizes"), VALID_SIZES[method]
     if sizes is None and method == "official":
         return None, False
     numbers = isinstance(sizes, list) and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sizes)
     if not numbers or len(sizes) != 3 or any(s < 0 for s in sizes):
-        raise P.ParamError(key, sizes, valid)
+        raise ParamError(key, sizes, valid)
     counts = all(isinstance(s, int) for s in sizes) and sum(sizes) > 1
     if (not counts and abs(sum(sizes) - 1) > 1e-6) or (counts and method == "patient") \
             or (not counts and method == "official"):  # never silently ignored
-        raise P.ParamError(key, sizes, valid)
+        raise ParamError(key, sizes, valid)
     return sizes, counts
 
 
 def patient_strata(index: pd.DataFrame) -> pd.Series:
     """Each patient's rarest label over all their images (No Finding if none), for stratified draws."""
-    frequency = L.counts(index["labels"])
+    frequency = labels.counts(index["labels"])
     rank = {name: i for i, name in enumerate(sorted(frequency, key=frequency.get))}
-    rarest = index["labels"].map(lambda text: min(L.split_labels(text), key=rank.__getitem__, default=L.NO_FINDING))
+    rarest = index["labels"].map(lambda text: min(labels.split_labels(text), key=rank.__getitem__, default=labels.NO_FINDING))
     return rarest.groupby(index["patient_id"]).agg(lambda names: min(names, key=rank.__getitem__))
 
 
@@ -133,7 +133,7 @@ def draw_exact(patients: pd.Series, count: int, rng: np.random.Generator, part: 
     skipping any that would overshoot: one-image patients, plentiful in NIH, close the gap."""
     total = int(patients.sum())
     if count > total:
-        raise P.ParamError("split.official.sizes", count, f"at most the {total} images there are for the {part} part")
+        raise ParamError("split.official.sizes", count, f"at most the {total} images there are for the {part} part")
     take = count <= total - count
     need = count if take else total - count
     order = rng.permutation(np.sort(patients.index.to_numpy()))
@@ -145,8 +145,8 @@ def draw_exact(patients: pd.Series, count: int, rng: np.random.Generator, part: 
             chosen.append(pid)
             need -= int(patients[pid])
     if need:
-        raise P.ParamError("split.official.sizes", count, f"a count that whole patients can make up for the {part} part "
-                           f"(the closest reached: {count - need if take else count + need})")
+        raise ParamError("split.official.sizes", count, f"a count that whole patients can make up for the {part} part "
+                         f"(the closest reached: {count - need if take else count + need})")
     return np.asarray(chosen if take else sorted(set(order) - set(chosen)))
 
 
@@ -165,7 +165,7 @@ def official_counts(index: pd.DataFrame, sizes: list[int], rng: np.random.Genera
 def split(index: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
     rng = np.random.default_rng([config.seed, 4])
     if config.drop_no_finding:
-        index = index[index["labels"] != L.NO_FINDING]
+        index = index[index["labels"] != labels.NO_FINDING]
     if config.fraction_of == "all":
         index = subset_patients(index, config.fraction, rng)
     strata = patient_strata(index) if config.stratify and config.method != "random" else None  # random: no groups
@@ -173,8 +173,8 @@ def split(index: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
         order = rng.permutation(len(index))
         if config.counts:
             if sum(config.sizes) > len(index):
-                raise P.ParamError("split.random.sizes", config.sizes,
-                                   f"image counts that add up to at most the {len(index)} images there are")
+                raise ParamError("split.random.sizes", config.sizes,
+                                 f"image counts that add up to at most the {len(index)} images there are")
             cuts = np.cumsum(config.sizes)
         else:
             cuts = np.round(np.cumsum(config.sizes) * len(index)).astype(int)
@@ -200,8 +200,8 @@ def split(index: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
     if empty:  # found here, not later in train or evaluate
         key, value = ("split.official.val_fraction", config.val_fraction) if config.method == "official" \
             and not config.counts and "test" not in empty else (f"split.{config.method}.sizes", config.sizes)
-        raise P.ParamError(key, value, f"settings that leave images in every part: the {' and '.join(empty)} part "
-                           f"of {len(index)} images ({config.method} split) would be empty")
+        raise ParamError(key, value, f"settings that leave images in every part: the {' and '.join(empty)} part "
+                         f"of {len(index)} images ({config.method} split) would be empty")
     return parts
 
 
@@ -213,13 +213,13 @@ def summarize(parts: dict[str, pd.DataFrame]) -> dict:
     return {
         **{name: {"images": len(frame), "patients": int(frame["patient_id"].nunique())} for name, frame in parts.items()},
         "patients_in_more_than_one_part": sum(len(s) > 1 for s in seen.values()),
-        "positives": {name: L.counts(frame["labels"]) for name, frame in parts.items()},
+        "positives": {name: labels.counts(frame["labels"]) for name, frame in parts.items()},
     }
 
 
-def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), out: Path = Path("data/split"),
+def main(params_path: str = PARAMS_FILE, cropped: Path = Path("data/crop"), out: Path = Path("data/split"),
          metrics: Path = Path("metrics/split.json")) -> None:
-    config = check(P.load(params_path))
+    config = check(load(params_path))
     parts = split(read_csv(cropped / "index.csv"), config)
     for name, frame in parts.items():
         write_csv(out / f"{name}.csv", frame)

@@ -25,11 +25,10 @@ import torch
 import torch.distributed as dist
 from dvclive import Live
 
-from cxr14 import gpus, models, packed_images, tasks
-from cxr14 import metrics as M
-from cxr14 import params as P
+from cxr14 import backbones, gpus, metrics, model_file, models, packed_images, tasks
 from cxr14.atomic import atomic_path, read_csv
 from cxr14.batches import Augment, Batches, batch_order
+from cxr14.params import PARAMS_FILE, ParamError, StageError, check_number, load, section, training_seed
 from cxr14.runtime import DEVICES, PRECISIONS, Runtime, decide, predict
 from cxr14.stage import under_torchrun
 from cxr14.training import (
@@ -54,20 +53,20 @@ MODEL_FILE, CHECKPOINT_FILE = "model.pt", "checkpoint.pt"
 
 def check(params: dict) -> tuple[tasks.Task, models.ModelConfig, TrainConfig]:
     task, model = tasks.check(params), models.check(params)
-    s = P.section(params, "train")
+    s = section(params, "train")
     adam, sgd, switch, schedule, augment = (s.section(k) for k in ("adam", "sgd", "switch", "schedule", "augment"))
     class_weights = s.get("class_weights") or {}
     if not isinstance(class_weights, dict):
-        raise P.ParamError("train.class_weights", class_weights, "a mapping of label to loss weight, such as {Hernia: 14.0}")
+        raise ParamError("train.class_weights", class_weights, "a mapping of label to loss weight, such as {Hernia: 14.0}")
     for name, weight in class_weights.items():
         if name not in task.names:
-            raise P.ParamError(f"train.class_weights.{name}", weight,
-                               f"a label the task {task.kind} predicts: " + ", ".join(task.names))
-        P.check_number(f"train.class_weights.{name}", weight, low=0)
+            raise ParamError(f"train.class_weights.{name}", weight,
+                             f"a label the task {task.kind} predicts: " + ", ".join(task.names))
+        check_number(f"train.class_weights.{name}", weight, low=0)
     scale = augment.get("scale")
     if not (isinstance(scale, list) and len(scale) == 2 and all(isinstance(v, (int, float)) for v in scale)
             and 0 < scale[0] <= scale[1] <= 1):
-        raise P.ParamError("train.augment.scale", scale, "[low, high] with 0 < low <= high <= 1, such as [0.8, 1.0]")
+        raise ParamError("train.augment.scale", scale, "[low, high] with 0 < low <= high <= 1, such as [0.8, 1.0]")
     augmentation = Augment(tuple(scale), augment.boolean("flip"), augment.number("rotate_degrees", low=0, high=180))
     config = TrainConfig(
         epochs=s.number("epochs", low=1, integer=True),
@@ -94,16 +93,16 @@ def check(params: dict) -> tuple[tasks.Task, models.ModelConfig, TrainConfig]:
         compile=s.boolean("compile"),
         device=s.choice("device", DEVICES),
         processes=s.number("processes", low=1, integer=True),
-        seed=P.training_seed(params),
+        seed=training_seed(params),
     )
     if config.class_weighting == "keras" and task.kind == "binary":  # one output: its argmax is always 0
-        raise P.ParamError("train.class_weighting", "keras", "per_label for task.kind binary (Keras' rule needs one "
-                           "output per class; with one output every image would get the same weight)")
+        raise ParamError("train.class_weighting", "keras", "per_label for task.kind binary (Keras' rule needs one "
+                         "output per class; with one output every image would get the same weight)")
     if config.optimizer == "adam_then_sgd" and config.switch_epoch >= config.epochs:
-        raise P.ParamError("train.switch.epoch", config.switch_epoch,
-                           f"an epoch before train.epochs ({config.epochs}) for adam_then_sgd")
-    for section in (adam, sgd, switch, schedule, augment, s):
-        section.finish()
+        raise ParamError("train.switch.epoch", config.switch_epoch,
+                         f"an epoch before train.epochs ({config.epochs}) for adam_then_sgd")
+    for settings in (adam, sgd, switch, schedule, augment, s):
+        settings.finish()
     return task, model, config
 
 
@@ -142,6 +141,7 @@ def fit(params: dict, images_path: Path, train_csv: Path, val_csv: Path, out: Pa
     live = Live(str(live_dir), resume=run.resumed, save_dvc_exp=False, dvcyaml=None) if runtime.lead else None
     weights, pos_weight = loss_weights(task, config, parts.y_train, runtime.device)
     loss_of = partial(loss_fn, weights=weights, pos_weight=pos_weight, weighting=config.class_weighting)
+    auxiliary_weight = backbones.get(model_config.backbone).auxiliary_loss_weight
     generator = torch.Generator(device=runtime.device)
     val_batches = Batches(parts.images, parts.val["row"].to_numpy(), parts.y_val,
                           batch_order(len(parts.val), config.batch_size, None), runtime.device)
@@ -153,7 +153,8 @@ def fit(params: dict, images_path: Path, train_csv: Path, val_csv: Path, out: Pa
         generator.manual_seed(config.seed * 100_019 + epoch)
         title = f"epoch {epoch + 1}/{config.epochs} ({run.state.phase})"
         train_loss, rate = train_one_epoch(run.runner, run.optimizer, epoch_batches(parts, config, runtime, epoch),
-                                           parts.size, config.augment, generator, loss_of, runtime, epoch, title)
+                                           parts.size, config.augment, generator, loss_of, auxiliary_weight, runtime,
+                                           epoch, title)
         val_loss, scores = validate(run.net, val_batches, parts.size, task, runtime)
         lr = run.optimizer.param_groups[0]["lr"]
         decide_epoch(run, config, runtime, val_loss, scores, save_best, log)
@@ -179,9 +180,9 @@ def set_up(config: TrainConfig) -> Runtime:
     """Device, precision and memory format (cxr14/runtime.py), and the process group under torchrun."""
     runtime = decide(config.device, config.precision)
     if runtime.world != config.processes:
-        raise P.ParamError("train.processes", config.processes,
-                           f"the number of processes this run has ({runtime.world}): `python -m stages.train` starts "
-                           "train.processes workers itself; under torchrun, use --nproc_per_node train.processes")
+        raise ParamError("train.processes", config.processes,
+                         f"the number of processes this run has ({runtime.world}): `python -m stages.train` starts "
+                         "train.processes workers itself; under torchrun, use --nproc_per_node train.processes")
     if runtime.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if runtime.device.type == "cuda" else "gloo")
     torch.manual_seed(config.seed)
@@ -194,7 +195,7 @@ def load_parts(task: tasks.Task, model_config: models.ModelConfig, config: Train
     train = tasks.select(read_csv(train_csv), task, "train", config.seed)
     val = tasks.select(read_csv(val_csv), task, "val", config.seed)
     if train.empty or val.empty:
-        raise P.StageError(f"the task {task.kind} leaves {len(train)} training and {len(val)} validation images")
+        raise StageError(f"the task {task.kind} leaves {len(train)} training and {len(val)} validation images")
     return Parts(images, train, tasks.targets(train, task), val, tasks.targets(val, task),
                  models.input_size(model_config, images.shape[-1]))
 
@@ -238,7 +239,7 @@ def validate(net, batches: Batches, size: int, task: tasks.Task, runtime: Runtim
     result: list = [None]
     if runtime.lead:
         y, p, loss = predict(net, batches, size, runtime)
-        result = [(loss, M.auroc(y, p, task.names))]
+        result = [(loss, metrics.auroc(y, p, task.names))]
     if runtime.world > 1:
         dist.broadcast_object_list(result, src=0)
     return result[0]
@@ -266,9 +267,8 @@ def decide_epoch(run: Run, config: TrainConfig, runtime: Runtime, val_loss: floa
 
 def save_model(params: dict, task: tasks.Task, model_config: models.ModelConfig, config: TrainConfig, size: int,
                path: Path, weights: dict, epoch: int) -> None:
-    """The best model so far, with what evaluate needs to rebuild and run it as it was trained."""
-    save({"state_dict": weights, "task": asdict(task), "model": asdict(model_config), "input_size": size,
-          "names": list(task.names), "epoch": epoch, "precision": config.precision, "params": params}, path)
+    """The best model so far, with what evaluate needs to rebuild and run it as it was trained (cxr14/model_file.py)."""
+    model_file.save(path, weights, task, model_config, size, config.precision, epoch, params)
 
 
 def log_epoch(live: Live, state: TrainState, values: dict, log) -> None:
@@ -283,19 +283,16 @@ def log_epoch(live: Live, state: TrainState, values: dict, log) -> None:
 
 
 def save_checkpoint(run: Run, stamp: str, complete: bool, path: Path) -> None:
-    save({"fingerprint": stamp, "complete": complete, "state": asdict(run.state), "best_weights": run.best_weights,
-          "model": run.net.state_dict(), "optimizer": run.optimizer.state_dict(),
-          "scheduler": run.scheduler.state_dict() if run.scheduler else None}, path)
-
-
-def save(obj, path: Path) -> None:
+    checkpoint = {"fingerprint": stamp, "complete": complete, "state": asdict(run.state), "best_weights": run.best_weights,
+                  "model": run.net.state_dict(), "optimizer": run.optimizer.state_dict(),
+                  "scheduler": run.scheduler.state_dict() if run.scheduler else None}
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        torch.save(checkpoint, tmp)
 
 
-def main(params_path: str = P.PARAMS_FILE, cropped: Path = Path("data/crop"), resampled: Path = Path("data/resample"),
+def main(params_path: str = PARAMS_FILE, cropped: Path = Path("data/crop"), resampled: Path = Path("data/resample"),
          split_dir: Path = Path("data/split"), out: Path = Path("data/train"), live_dir: Path = Path("metrics/train")) -> None:
-    params = P.load(params_path)
+    params = load(params_path)
     _, _, config = check(params)
     # A GPU of its own for each process while the stage runs (cxr14/gpus.py); torchrun's workers use their launcher's.
     with nullcontext() if under_torchrun() else gpus.held(config.device, config.processes, "train.processes"):
@@ -317,7 +314,7 @@ def launch(processes: int, params_path: str) -> None:
         torchrun.main(["--standalone", f"--nproc_per_node={processes}", "-m", "stages.train", "--params", params_path])
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
-        raise P.StageError(f"training process {rank} failed: {getattr(failure, 'message', failure)}") from None
+        raise StageError(f"training process {rank} failed: {getattr(failure, 'message', failure)}") from None
 
 if __name__ == "__main__":
     from cxr14.stage import command_line

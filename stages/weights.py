@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr14 import models, progress
-from cxr14 import params as P
 from cxr14.atomic import write_json
 from cxr14.fetch import DownloadError, digest, resume
+from cxr14.params import PARAMS_FILE, ParamError, load, section
 
 PARTIAL = Path("data/.weights-download")  # outside the DVC output, which DVC empties before the stage runs
 PROBE_SECONDS = 10  # how long `cxr check` waits for the weights' server (not a setting: promptness)
@@ -54,15 +54,15 @@ class WeightsConfig:
 
 
 def check(params: dict) -> WeightsConfig:
-    model = models.check(params)
-    section = P.section(params, "weights")
-    mirror = section.get("mirror")
+    backbone, pretrained = models.check_backbone(params)
+    settings = section(params, "weights")
+    mirror = settings.get("mirror")
     if mirror is not None and (not isinstance(mirror, str) or not mirror.startswith(("http://", "https://"))):
-        raise P.ParamError("weights.mirror", mirror, "null (torchvision's own URL) or an http(s):// base URL "
-                                                     "that serves torchvision's file names")
-    section.finish()
-    download = P.section(params, "data").section("download")  # the download stage checks the whole of it
-    return WeightsConfig(model.backbone, model.pretrained, mirror,
+        raise ParamError("weights.mirror", mirror, "null (torchvision's own URL) or an http(s):// base URL "
+                                                   "that serves torchvision's file names")
+    settings.finish()
+    download = section(params, "data").section("download")  # the download stage checks the whole of it
+    return WeightsConfig(backbone, pretrained, mirror,
                          retries=download.number("retries", low=0, integer=True),
                          backoff=download.number("backoff_seconds", low=0),
                          timeout=download.number("timeout_seconds", low=0, low_open=True))
@@ -107,9 +107,9 @@ def reachable(config: WeightsConfig) -> None:
                 raise OSError(f"it answers with a web page ({kind}), not the file")
     except (OSError, urllib.error.URLError, ValueError) as error:
         reason = getattr(error, "reason", None) or error
-        raise P.ParamError("model.pretrained", "imagenet",
-                           f"weights the weights stage can get: {config.url} cannot be reached ({reason}); "
-                           + where_to_put_it(config)) from None
+        raise ParamError("model.pretrained", "imagenet",
+                         f"weights the weights stage can get: {config.url} cannot be reached ({reason}); "
+                         + where_to_put_it(config)) from None
 
 
 def fetch(config: WeightsConfig, target: Path) -> str:
@@ -142,8 +142,8 @@ def fetch(config: WeightsConfig, target: Path) -> str:
     return config.url
 
 
-def main(params_path: str = P.PARAMS_FILE, out: Path = models.WEIGHTS_DIR) -> None:
-    config = check(P.load(params_path))
+def main(params_path: str = PARAMS_FILE, out: Path = models.WEIGHTS_DIR) -> None:
+    config = check(load(params_path))
     out.mkdir(parents=True, exist_ok=True)
     if config.pretrained == "none":
         write_json(out / "weights.json", {"pretrained": "none", "backbone": config.backbone})

@@ -1,8 +1,8 @@
 """Shared test helpers: a small project folder with the reference files, params files, a tiny pipeline.
 
-Every test's params are the repository's params.yaml + TEST_SCALE + the test's own changes, made by
-the one helper that the demo and the tables use too (cxr14.params.apply): no test runs a default
-that params.yaml does not hold.
+Every test's params are the repository's params.yaml + TEST_SCALE (presets/demo.yaml and test.yaml) + the
+test's own changes, made by the one helper that the demo and the tables use too (cxr14.params.apply): no test
+runs a default that params.yaml does not hold.
 """
 
 from __future__ import annotations
@@ -15,31 +15,27 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr14 import params as P
-from experiments.demo import DEMO
+from cxr14.params import PARAMS_FILE, apply, flatten, load
+from experiments import presets
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The demo's small settings, smaller still: a test overrides what it checks.
-TEST_SCALE = {
-    **DEMO,
-    "seed": 3,
-    "data.synthetic.images": 400,
-    "data.synthetic.image_size": 64,
-    "data.synthetic.min_positives_per_label": 12,
-    "data.synthetic.max_images_per_patient": 10,
-    "crop.pixels": 32,
-    "crop.workers": 2,
-    "split.method": "patient",
-    "split.patient.sizes": [0.6, 0.2, 0.2],
-    "train.epochs": 2,
-    "evaluate.bootstrap": 50,
-}
+# The demo's small settings, smaller still (presets/demo.yaml, presets/test.yaml): a test overrides what it checks.
+TEST_SCALE = presets.load("demo", "test")
+
+
+def preset_overrides(*names: str, leave_out: tuple[str, ...] = ()) -> list[str]:
+    """The named presets merged (presets/NAME.yaml) as `key=value` items of `dvc exp run -S` (and `cxr table run
+    -S`), without the keys under `leave_out` (such as "data.")."""
+    from experiments.demo import overrides
+
+    settings = {k: v for k, v in presets.load(*names).items() if not k.startswith(leave_out)}
+    return overrides(settings, load(REPO / PARAMS_FILE))
 
 
 def params_with(changes: dict | None = None) -> dict:
     """params.yaml + TEST_SCALE + `changes` (nested, such as {"train": {"epochs": 1}}, or dotted keys)."""
-    return P.apply(P.apply(P.load(REPO / P.PARAMS_FILE), TEST_SCALE), P.flatten(changes or {}))
+    return apply(apply(load(REPO / PARAMS_FILE), TEST_SCALE), flatten(changes or {}))
 
 
 def write_params(folder: Path, changes: dict | None = None) -> str:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from sklearn.calibration import calibration_curve
 
-from cxr14 import metrics as M
-from cxr14 import params as P
+from cxr14 import metrics
+from cxr14.params import load
 
 
 def column(*groups):
@@ -17,26 +17,26 @@ def column(*groups):
 
 def test_perfectly_calibrated_probabilities_have_zero_error():
     y, p = column((0.25, 4, 1), (0.75, 8, 6), (0.05, 20, 1))
-    assert M.expected_calibration_error(M.reliability(y, p, 10)) == pytest.approx(0, abs=1e-12)
+    assert metrics.expected_calibration_error(metrics.reliability(y, p, 10)) == pytest.approx(0, abs=1e-12)
 
 
 def test_a_known_miscalibration_gives_the_count_weighted_gap():
     # 10 images at 0.2 of which half are positive (gap 0.3), 30 images at 0.8 all positive (gap 0.2)
     y, p = column((0.2, 10, 5), (0.8, 30, 30))
-    assert M.expected_calibration_error(M.reliability(y, p, 10)) == pytest.approx((10 * 0.3 + 30 * 0.2) / 40)
+    assert metrics.expected_calibration_error(metrics.reliability(y, p, 10)) == pytest.approx((10 * 0.3 + 30 * 0.2) / 40)
 
 
 def test_overconfidence_in_one_bin_is_the_whole_error():
     y, p = column((0.9, 50, 25))
-    assert M.expected_calibration_error(M.reliability(y, p, 10)) == pytest.approx(0.4)
+    assert metrics.expected_calibration_error(metrics.reliability(y, p, 10)) == pytest.approx(0.4)
 
 
 def test_labels_drawn_from_their_probabilities_are_nearly_calibrated():
     rng = np.random.default_rng(0)
     p = rng.random(200_000)
     y = (rng.random(p.size) < p).astype(float)
-    assert M.expected_calibration_error(M.reliability(y, p, 10)) < 0.005
-    assert M.expected_calibration_error(M.reliability(y, p ** 2, 10)) > 0.1  # squared: too low everywhere
+    assert metrics.expected_calibration_error(metrics.reliability(y, p, 10)) < 0.005
+    assert metrics.expected_calibration_error(metrics.reliability(y, p ** 2, 10)) > 0.1  # squared: too low everywhere
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "quantile"])
@@ -44,7 +44,7 @@ def test_the_reliability_curve_is_scikit_learns(strategy):
     rng = np.random.default_rng(1)
     p = rng.beta(0.5, 2, 500)
     y = (rng.random(500) < p).astype(float)
-    curve = M.reliability(y, p, 10, strategy)
+    curve = metrics.reliability(y, p, 10, strategy)
     observed, predicted = calibration_curve(y, p, n_bins=10, strategy=strategy)
     assert np.allclose(curve["observed"], observed) and np.allclose(curve["predicted"], predicted)
     assert curve["count"].sum() == 500
@@ -53,20 +53,20 @@ def test_the_reliability_curve_is_scikit_learns(strategy):
 def test_equal_mass_bins_hold_the_same_number_of_images():
     p = np.linspace(0.01, 0.3, 100)  # all in the first three equal-width bins
     y = np.zeros(100)
-    assert list(M.reliability(y, p, 10, "quantile")["count"]) == [10] * 10
-    assert len(M.reliability(y, p, 10, "uniform")["count"]) == 3
+    assert list(metrics.reliability(y, p, 10, "quantile")["count"]) == [10] * 10
+    assert len(metrics.reliability(y, p, 10, "uniform")["count"]) == 3
 
 
 def test_empty_bins_are_left_out_of_the_curve():
     y, p = column((0.15, 3, 0), (0.95, 2, 2))
-    curve = M.reliability(y, p, 10)
+    curve = metrics.reliability(y, p, 10)
     assert list(curve["count"]) == [3, 2] and np.allclose(curve["predicted"], [0.15, 0.95])
 
 
 def test_per_label_errors_and_their_macro_average():
     y1, p1 = column((0.2, 10, 5), (0.8, 30, 30))
     y2, p2 = column((0.25, 20, 5), (0.75, 20, 15))
-    result = M.calibration(np.c_[y1, y2], np.c_[p1, p2], ("A", "B"), 10)
+    result = metrics.calibration(np.c_[y1, y2], np.c_[p1, p2], ("A", "B"), 10)
     assert result["ece"]["A"] == pytest.approx(0.225) and result["ece"]["B"] == pytest.approx(0, abs=1e-12)
     assert result["ece_macro"] == pytest.approx(0.225 / 2)
     assert set(result["ece_adaptive"]) == {"A", "B"} and result["ece_adaptive"]["B"] == pytest.approx(0, abs=1e-12)
@@ -74,7 +74,7 @@ def test_per_label_errors_and_their_macro_average():
 
 
 def test_no_images_means_no_error():
-    result = M.calibration(np.zeros((0, 1)), np.zeros((0, 1)), ("A",), 10)
+    result = metrics.calibration(np.zeros((0, 1)), np.zeros((0, 1)), ("A",), 10)
     assert result["ece"] == {"A": None} and result["ece_macro"] is None and result["ece_adaptive_macro"] is None
 
 
@@ -99,7 +99,7 @@ def evaluated(tiny_pipeline, tmp_path_factory):
     os.chdir(folder)
     try:
         params = write_params(folder, {"evaluate": {"bootstrap": 0, "calibration_bins": 5}})
-        loaded = P.load(params)
+        loaded = load(params)
         task, model_config, config = train.check(loaded)
         size = models.input_size(model_config, loaded["crop"]["pixels"])
         torch.manual_seed(0)
@@ -121,7 +121,7 @@ def test_evaluate_reports_each_labels_error_from_its_predictions(evaluated):
     assert set(result["ece"]) == set(result["auroc"]) == set(result["ece_adaptive"])
     for name, value in result["ece"].items():
         y = predictions["labels"].str.split("|").apply(lambda labels, n=name: n in labels).to_numpy(float)
-        assert value == pytest.approx(M.expected_calibration_error(M.reliability(y, predictions[f"p_{name}"], 5)))
+        assert value == pytest.approx(metrics.expected_calibration_error(metrics.reliability(y, predictions[f"p_{name}"], 5)))
     assert result["ece_macro"] == pytest.approx(np.mean(list(result["ece"].values())))
 
 

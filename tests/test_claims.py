@@ -4,7 +4,7 @@ from functools import cache
 
 import pytest
 
-from cxr14 import params as P
+from cxr14.params import PARAMS_FILE, apply, flatten, load
 from experiments import tables
 
 from .conftest import REPO
@@ -53,7 +53,7 @@ def test_every_claim_compares_columns_that_run_or_says_why(item):
 
 
 def settings_of(table, column) -> dict:
-    return P.flatten(P.apply(P.load(REPO / P.PARAMS_FILE), tables.settings(table, column)))
+    return flatten(apply(load(REPO / PARAMS_FILE), tables.settings(table, column)))
 
 
 @pytest.mark.parametrize("item", [c for c in CLAIMS if not any(col.reference for _, col in c[1].sides)],

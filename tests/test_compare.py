@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxr14 import compare as C
+from cxr14 import compare
 
 # ---------------------------------------------------------------- DeLong
 
@@ -47,7 +47,7 @@ def test_delong_gives_procs_roc_test_on_its_asah_data(a, b, z, p, low, high):
     against ndka Z = 2.79777591868904, p = 0.00514557970691098; ndka against s100b Z = -1.39077002573558,
     p = 0.164295175223054. Each ROC is roc(aSAH$outcome, aSAH$<marker>): Poor is the case, higher is worse."""
     y, columns = asah()
-    result = C.delong(y, columns[a], columns[b])
+    result = compare.delong(y, columns[a], columns[b])
     assert result.z == pytest.approx(z, rel=1e-9)
     assert result.p == pytest.approx(p, rel=1e-9)
     assert (result.low, result.high) == pytest.approx((low, high), rel=1e-9)
@@ -56,9 +56,9 @@ def test_delong_gives_procs_roc_test_on_its_asah_data(a, b, z, p, low, high):
 def test_delongs_aurocs_of_the_asah_markers_are_those_pROC_documents():
     """pROC's documentation (e.g. ?roc) prints 'Area under the curve: 0.7314' for s100b; wfns 0.8237, ndka 0.6120."""
     y, columns = asah()
-    result = C.delong(y, columns["wfns"], columns["s100b"])
+    result = compare.delong(y, columns["wfns"], columns["s100b"])
     assert round(result.auroc_a, 4) == 0.8237 and round(result.auroc_b, 4) == 0.7314
-    assert round(C.delong(y, columns["ndka"], columns["s100b"]).auroc_a, 4) == 0.6120
+    assert round(compare.delong(y, columns["ndka"], columns["s100b"]).auroc_a, 4) == 0.6120
 
 
 def pairwise_delong(y, a, b):
@@ -88,7 +88,7 @@ def tied_scores(n=400, seed=0):
 def test_delong_equals_the_pairwise_computation_of_its_structural_components_with_ties():
     y, a, b = tied_scores()
     auroc_a, auroc_b, se = pairwise_delong(y, a, b)
-    result = C.delong(y, a, b)
+    result = compare.delong(y, a, b)
     assert (result.auroc_a, result.auroc_b) == pytest.approx((auroc_a, auroc_b), abs=1e-12)
     assert result.se == pytest.approx(se, rel=1e-10)
     assert result.z == pytest.approx((auroc_a - auroc_b) / se, rel=1e-10)
@@ -96,7 +96,7 @@ def test_delong_equals_the_pairwise_computation_of_its_structural_components_wit
 
 def test_delongs_aurocs_are_scikit_learns():
     y, a, b = tied_scores(seed=1)
-    result = C.delong(y, a, b)
+    result = compare.delong(y, a, b)
     assert result.auroc_a == pytest.approx(roc_auc_score(y, a), abs=1e-12)
     assert result.auroc_b == pytest.approx(roc_auc_score(y, b), abs=1e-12)
     assert result.difference == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b), abs=1e-12)
@@ -105,26 +105,26 @@ def test_delongs_aurocs_are_scikit_learns():
 def test_identical_scores_differ_by_nothing_with_p_one():
     """As pROC's 'DeLong roc.test works when curves are identical': Z = 0, p = 1."""
     y, a, _ = tied_scores()
-    result = C.delong(y, a, a)
+    result = compare.delong(y, a, a)
     assert (result.difference, result.se, result.z, result.p) == (0, 0, 0, 1)
     assert result.low == result.high == 0
 
 
 def test_swapping_the_models_negates_the_difference_and_keeps_p():
     y, a, b = tied_scores(seed=2)
-    ab, ba = C.delong(y, a, b), C.delong(y, b, a)
+    ab, ba = compare.delong(y, a, b), compare.delong(y, b, a)
     assert ba.difference == pytest.approx(-ab.difference) and ba.z == pytest.approx(-ab.z)
     assert ba.p == pytest.approx(ab.p) and (ba.low, ba.high) == pytest.approx((-ab.high, -ab.low))
 
 
 def test_delong_refuses_cases_of_one_class():
     with pytest.raises(ValueError, match="0 positive and 5 negative"):
-        C.delong(np.zeros(5), np.arange(5.0), np.arange(5.0))
+        compare.delong(np.zeros(5), np.arange(5.0), np.arange(5.0))
 
 
 def test_delong_refuses_labels_that_are_not_zero_or_one():
     with pytest.raises(ValueError, match="0/1"):
-        C.delong(np.array([0, 1, 2, 1]), np.arange(4.0), np.arange(4.0))
+        compare.delong(np.array([0, 1, 2, 1]), np.arange(4.0), np.arange(4.0))
 
 
 # ---------------------------------------------------------------- paired bootstrap
@@ -147,7 +147,7 @@ def width(summary):
 
 def test_patient_resamples_weigh_whole_patients():
     patients = np.repeat(np.arange(40), 3)
-    for times in C.patient_resamples(patients, rounds=20, seed=0):
+    for times in compare.patient_resamples(patients, rounds=20, seed=0):
         per_patient = times.reshape(40, 3)
         assert (per_patient == per_patient[:, :1]).all()  # a patient's images are drawn together
         assert per_patient[:, 0].sum() == 40  # as many patients drawn as there are
@@ -158,9 +158,9 @@ def test_with_one_seed_each_it_is_the_paired_patient_bootstrap():
     interval: the percentiles of those differences."""
     y, a, patients = column()
     b = noisy(a, 1)
-    result = C.paired_difference([a], [b], y, patients, rounds=60, seed=3)
+    result = compare.paired_difference([a], [b], y, patients, rounds=60, seed=3)
     by_hand = np.array([[roc_auc_score(y[:, j], a[:, j], sample_weight=t) - roc_auc_score(y[:, j], b[:, j], sample_weight=t)
-                         for j in range(3)] for t in C.patient_resamples(patients, rounds=60, seed=3)])
+                         for j in range(3)] for t in compare.patient_resamples(patients, rounds=60, seed=3)])
     for j in range(3):
         assert result["per_label"][j]["interval"] == pytest.approx(np.percentile(by_hand[:, j], [2.5, 97.5]), abs=1e-12)
         assert result["per_label"][j]["difference"] == pytest.approx(
@@ -171,7 +171,7 @@ def test_with_one_seed_each_it_is_the_paired_patient_bootstrap():
 def test_the_micro_difference_is_that_of_all_labels_pooled():
     y, a, patients = column()
     b = noisy(a, 1)
-    result = C.paired_difference(a, b, y, patients, rounds=5, seed=0)
+    result = compare.paired_difference(a, b, y, patients, rounds=5, seed=0)
     expected = roc_auc_score(y.ravel(), a.ravel()) - roc_auc_score(y.ravel(), b.ravel())
     assert result["micro"]["difference"] == pytest.approx(expected, abs=1e-12)
 
@@ -179,7 +179,7 @@ def test_the_micro_difference_is_that_of_all_labels_pooled():
 def test_identical_columns_differ_by_exactly_zero_with_a_zero_width_interval():
     y, a, patients = column()
     seeds = [noisy(a, s) for s in range(3)]  # seeds that disagree: still the same in both columns
-    result = C.paired_difference(seeds, [s.copy() for s in seeds], y, patients, rounds=50, seed=0)
+    result = compare.paired_difference(seeds, [s.copy() for s in seeds], y, patients, rounds=50, seed=0)
     for summary in (*result["per_label"], result["macro"], result["micro"]):
         assert summary["difference"] == 0 and summary["interval"] == [0, 0]
 
@@ -187,7 +187,7 @@ def test_identical_columns_differ_by_exactly_zero_with_a_zero_width_interval():
 def test_a_clearly_better_column_has_an_interval_above_zero():
     y, b, patients = column(seed=4)
     a = b + 0.3 * y  # positives scored higher: a better ranking on every label
-    result = C.paired_difference([a, noisy(a, 1, 0.05)], [b, noisy(b, 2, 0.05)], y, patients, rounds=200, seed=0)
+    result = compare.paired_difference([a, noisy(a, 1, 0.05)], [b, noisy(b, 2, 0.05)], y, patients, rounds=200, seed=0)
     for summary in (*result["per_label"], result["macro"], result["micro"]):
         assert summary["interval"][0] > 0
 
@@ -195,17 +195,17 @@ def test_a_clearly_better_column_has_an_interval_above_zero():
 def test_the_interval_widens_when_seeds_disagree():
     y, b, patients = column(seed=5)
     a = noisy(b, 1, 0.1)
-    agreeing = C.paired_difference([a, a, a], [b, b, b], y, patients, rounds=300, seed=0)
+    agreeing = compare.paired_difference([a, a, a], [b, b, b], y, patients, rounds=300, seed=0)
     # the same mean ranking quality, but one run much better than another: the training run is in doubt
-    disagreeing = C.paired_difference([a + 0.1 * y, a, a - 0.1 * y], [b, b, b], y, patients, rounds=300, seed=0)
+    disagreeing = compare.paired_difference([a + 0.1 * y, a, a - 0.1 * y], [b, b, b], y, patients, rounds=300, seed=0)
     assert width(disagreeing["macro"]) > 1.5 * width(agreeing["macro"])
 
 
 def test_copies_of_one_seed_add_nothing():
     y, a, patients = column()
     b = noisy(a, 1)
-    one = C.paired_difference([a], [b], y, patients, rounds=50, seed=2)
-    copies = C.paired_difference([a, a.copy()], [b, b.copy(), b.copy()], y, patients, rounds=50, seed=2)
+    one = compare.paired_difference([a], [b], y, patients, rounds=50, seed=2)
+    copies = compare.paired_difference([a, a.copy()], [b, b.copy(), b.copy()], y, patients, rounds=50, seed=2)
     assert copies["macro"]["interval"] == pytest.approx(one["macro"]["interval"], abs=1e-12)
     assert copies["seeds"] == [2, 3] and not copies["paired_seeds"]
 
@@ -215,8 +215,8 @@ def test_with_one_image_per_patient_the_interval_is_close_to_delongs():
     y = (rng.random((1500, 1)) < 0.3).astype(int)
     a = y * 0.5 + rng.random((1500, 1))
     b = 0.7 * a + 0.5 * rng.random((1500, 1))
-    boot = C.paired_difference(a, b, y, np.arange(1500), rounds=1000, seed=0)["per_label"][0]
-    exact = C.delong(y[:, 0], a[:, 0], b[:, 0])
+    boot = compare.paired_difference(a, b, y, np.arange(1500), rounds=1000, seed=0)["per_label"][0]
+    exact = compare.delong(y[:, 0], a[:, 0], b[:, 0])
     assert boot["difference"] == pytest.approx(exact.difference, abs=1e-12)
     assert boot["interval"] == pytest.approx([exact.low, exact.high], abs=0.005)
 
@@ -225,7 +225,7 @@ def test_a_label_with_one_class_in_a_resample_is_skipped_in_that_round():
     y, a, patients = column(n=300)
     y[:, 2] = 0
     y[0, 2] = 1  # one positive image: the label is defined only in rounds that draw its patient
-    result = C.paired_difference(a, noisy(a, 1), y, patients, rounds=100, seed=0)
+    result = compare.paired_difference(a, noisy(a, 1), y, patients, rounds=100, seed=0)
     assert 0 < result["per_label"][2]["rounds"] < 100
     assert result["per_label"][0]["rounds"] == 100
 
@@ -234,7 +234,7 @@ def test_a_label_with_one_class_in_the_test_set_has_no_difference_and_stays_out_
     y, a, patients = column()
     y[:, 1] = 0
     b = noisy(a, 1)
-    result = C.paired_difference(a, b, y, patients, rounds=20, seed=0)
+    result = compare.paired_difference(a, b, y, patients, rounds=20, seed=0)
     assert result["per_label"][1] == {"difference": None, "interval": None, "rounds": 0}
     defined = [roc_auc_score(y[:, j], a[:, j]) - roc_auc_score(y[:, j], b[:, j]) for j in (0, 2)]
     assert result["macro"]["difference"] == pytest.approx(np.mean(defined), abs=1e-12)
@@ -243,7 +243,7 @@ def test_a_label_with_one_class_in_the_test_set_has_no_difference_and_stays_out_
 def test_scores_of_another_shape_than_the_labels_are_refused_naming_column_and_seed():
     y, a, patients = column()
     with pytest.raises(ValueError, match="column b, seed 1: scores of shape \\(600, 2\\)"):
-        C.paired_difference([a], [a, a[:, :2]], y, patients, rounds=5, seed=0)
+        compare.paired_difference([a], [a, a[:, :2]], y, patients, rounds=5, seed=0)
 
 
 # ---------------------------------------------------------------- verdict
@@ -265,25 +265,25 @@ def test_scores_of_another_shape_than_the_labels_are_refused_naming_column_and_s
     (0.0, 0.0, "better", None, "not shown"),
 ])
 def test_verdict(low, high, direction, margin, expected):
-    assert C.verdict(low, high, direction, margin) == expected
+    assert compare.verdict(low, high, direction, margin) == expected
 
 
 def test_similar_needs_a_margin():
     with pytest.raises(ValueError, match="'similar' needs a margin"):
-        C.verdict(-0.01, 0.01, "similar")
+        compare.verdict(-0.01, 0.01, "similar")
 
 
 def test_better_takes_no_margin():
     with pytest.raises(ValueError, match="takes no margin"):
-        C.verdict(0.01, 0.02, "better", 0.01)
+        compare.verdict(0.01, 0.02, "better", 0.01)
 
 
 def test_an_unknown_direction_names_the_valid_ones():
     with pytest.raises(ValueError, match="better, worse, similar"):
-        C.verdict(0.01, 0.02, "higher")
+        compare.verdict(0.01, 0.02, "higher")
 
 
 @pytest.mark.parametrize("low, high", [(0.02, 0.01), (float("nan"), 0.01)])
 def test_an_interval_upside_down_or_undefined_is_refused(low, high):
     with pytest.raises(ValueError, match="expected two numbers, low not above high"):
-        C.verdict(low, high, "better")
+        compare.verdict(low, high, "better")

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxr14 import packed_images
+from cxr14 import packed_images, parallel_crop
 from cxr14.atomic import read_csv, write_csv
-from cxr14.images import crop_resize, open_png
+from cxr14.images import crop_resize, open_image
 from cxr14.params import StageError
 from stages import crop
 
@@ -99,12 +99,19 @@ def crop_folder(folder, archives: list[dict[str, bytes]], loose: dict[str, bytes
     return read_csv(folder / "crop/index.csv"), np.array(packed_images.load(folder / "crop/images.npy"))
 
 
+
+def whole_decode(data: bytes, fraction: float, size: int) -> np.ndarray:
+    """Pillow's decode of the whole PNG, then crop_resize: what crop_png falls back to, and must equal."""
+    image = open_image(data)
+    image.load()
+    return crop_resize(image, fraction, size)
+
 @pytest.mark.parametrize("fraction, size", [(0.75, 16), (1.0, 64), (0.5, 120), (0.75, 300)],
                          ids=["reduce", "whole", "enlarge", "nih"])
 def test_crop_png_gives_the_pixels_of_crop_resize(fraction, size):
     pngs = {**varied_pngs(12), "1024x1024.png": png(Image.fromarray(gray(1024, 1024, 5)))}
     for name, data in pngs.items():
-        assert np.array_equal(crop.crop_png(data, fraction, size), crop_resize(open_png(data), fraction, size)), name
+        assert np.array_equal(parallel_crop.crop_png(data, fraction, size), whole_decode(data, fraction, size)), name
 
 
 @pytest.mark.parametrize("cut", [0.5, 0.95, 0.999])
@@ -112,9 +119,9 @@ def test_a_cut_png_fails_as_the_whole_decode_does(cut):
     data = png(Image.fromarray(gray(160, 200, 1)))
     data = data[:int(len(data) * cut)]
     with pytest.raises(Exception) as whole:
-        crop_resize(open_png(data), 0.75, 32)
+        whole_decode(data, 0.75, 32)
     with pytest.raises(type(whole.value), match=re.escape(str(whole.value))):
-        crop.crop_png(data, 0.75, 32)
+        parallel_crop.crop_png(data, 0.75, 32)
 
 
 @pytest.mark.parametrize("fraction", [0.75, 1.0])
@@ -130,12 +137,12 @@ def test_damaged_image_data_gives_what_the_whole_decode_gives(where, fraction):
     body[spot:spot + 8] = b"\xff" * 8
     damaged = data[:41] + bytes(body) + struct.pack(">I", zlib.crc32(b"IDAT" + bytes(body))) + data[45 + length:]
     try:
-        whole = crop_resize(open_png(damaged), fraction, 32)
+        whole = whole_decode(damaged, fraction, 32)
     except Exception as error:
         with pytest.raises(type(error), match=re.escape(str(error))):
-            crop.crop_png(damaged, fraction, 32)
+            parallel_crop.crop_png(damaged, fraction, 32)
     else:
-        assert np.array_equal(crop.crop_png(damaged, fraction, 32), whole)
+        assert np.array_equal(parallel_crop.crop_png(damaged, fraction, 32), whole)
 
 
 @pytest.mark.parametrize("header", [b"\x88\x1c", b"\x78\x20"], ids=["window-too-big", "preset-dictionary"])
@@ -149,9 +156,9 @@ def test_a_zlib_header_zlib_refuses_is_left_to_pillow(header):
     bad = data[:33] + struct.pack(">I", len(body)) + b"IDAT" + body + struct.pack(">I", zlib.crc32(b"IDAT" + body)) \
         + data[45 + length:]
     with pytest.raises(Exception) as whole:
-        crop_resize(open_png(bad), 0.75, 32)
+        whole_decode(bad, 0.75, 32)
     with pytest.raises(type(whole.value), match=re.escape(str(whole.value))):
-        crop.crop_png(bad, 0.75, 32)
+        parallel_crop.crop_png(bad, 0.75, 32)
 
 
 def test_many_decoders_on_one_big_and_one_small_archive_give_the_images_one_at_a_time(tmp_path):
@@ -161,31 +168,31 @@ def test_many_decoders_on_one_big_and_one_small_archive_give_the_images_one_at_a
     kept = read_csv(tmp_path / "filter/index.csv")
     assert index.drop(columns="row").equals(kept) and list(index["row"]) == list(range(len(every)))
     for row in index.itertuples():
-        assert np.array_equal(images[row.row], crop_resize(open_png(every[row.image]), 0.75, 48)), row.image
+        assert np.array_equal(images[row.row], whole_decode(every[row.image], 0.75, 48)), row.image
 
 
 def test_a_png_bigger_than_a_slot_travels_alone_and_is_cropped(tmp_path, monkeypatch):
-    monkeypatch.setattr(crop, "SLOT_BYTES", 20_000)  # smaller than some of these PNGs, larger than others
+    monkeypatch.setattr(parallel_crop, "SLOT_BYTES", 20_000)  # smaller than some of these PNGs, larger than others
     pngs = varied_pngs(30)
     assert min(map(len, pngs.values())) < 20_000 < max(map(len, pngs.values()))
     index, images = crop_folder(tmp_path, [pngs], fraction=1.0, pixels=40, workers=3)
     for row in index.itertuples():
-        assert np.array_equal(images[row.row], crop_resize(open_png(pngs[row.image]), 1.0, 40)), row.image
+        assert np.array_equal(images[row.row], whole_decode(pngs[row.image], 1.0, 40)), row.image
 
 
 def test_batches_hold_at_most_batch_images_and_slot_bytes(monkeypatch):
-    monkeypatch.setattr(crop, "SLOT_BYTES", 8000)
+    monkeypatch.setattr(parallel_crop, "SLOT_BYTES", 8000)
     members = [(f"{i}.png", bytes(size)) for i, size in enumerate([10, 5000, 3000, 9000, 20, 20] + [1] * 20)]
-    batches = list(crop._batches(members))
+    batches = list(parallel_crop._batches(members))
     assert [name for batch in batches for name, _ in batch] == [name for name, _ in members]
     for batch in batches:
-        assert len(batch) <= crop.BATCH_IMAGES
-        assert len(batch) == 1 or sum(len(data) for _, data in batch) <= crop.SLOT_BYTES
+        assert len(batch) <= parallel_crop.BATCH_IMAGES
+        assert len(batch) == 1 or sum(len(data) for _, data in batch) <= parallel_crop.SLOT_BYTES
 
 
 def test_readers_stay_a_few_batches_ahead_of_the_decoders(tmp_path, monkeypatch):
     read, decoded = tmp_path / "read", tmp_path / "decoded"
-    members, decode = crop.iter_archive, crop.crop_png
+    members, decode = parallel_crop.iter_archive, parallel_crop.crop_png
 
     def iter_archive(*args):  # the reader inherits it (fork): one byte per PNG read
         for member in members(*args):
@@ -199,17 +206,17 @@ def test_readers_stay_a_few_batches_ahead_of_the_decoders(tmp_path, monkeypatch)
             handle.write(f"{read.stat().st_size}\n")
         return decode(*args)
 
-    monkeypatch.setattr(crop, "iter_archive", iter_archive)
-    monkeypatch.setattr(crop, "crop_png", crop_png)
+    monkeypatch.setattr(parallel_crop, "iter_archive", iter_archive)
+    monkeypatch.setattr(parallel_crop, "crop_png", crop_png)
     crop_folder(tmp_path, [varied_pngs(80)], fraction=0.75, pixels=16, workers=1)
     ahead = max(count - i for i, count in enumerate(int(n) for n in decoded.read_text().split()))
     # every slot full, the batch the reader holds waiting for a slot, the PNG that starts the next one
-    assert ahead <= (crop.slot_count(workers=1, readers=1) + 1) * crop.BATCH_IMAGES + 1 < 80
+    assert ahead <= (parallel_crop.slot_count(workers=1, readers=1) + 1) * parallel_crop.BATCH_IMAGES + 1 < 80
 
 
 def test_one_archive_is_decoded_by_every_decoder(tmp_path, monkeypatch):
     log = tmp_path / "decoded_by"
-    slow = crop.crop_png
+    slow = parallel_crop.crop_png
 
     def crop_png(*args):  # the decoders inherit it (fork); slow enough that every decoder gets batches
         time.sleep(0.02)
@@ -217,7 +224,7 @@ def test_one_archive_is_decoded_by_every_decoder(tmp_path, monkeypatch):
             handle.write(f"{os.getpid()}\n")
         return slow(*args)
 
-    monkeypatch.setattr(crop, "crop_png", crop_png)
+    monkeypatch.setattr(parallel_crop, "crop_png", crop_png)
     crop_folder(tmp_path, [varied_pngs(48)], fraction=0.75, pixels=32, workers=3)
     assert len(set(log.read_text().split())) == 3
 

@@ -1,5 +1,6 @@
 """dvc.yaml tells the truth: each stage's code deps are exactly the project files its module imports,
-no stage imports another, and imports flow one way (stages -> library; tools -> library)."""
+no stage imports another (but the check, which runs their checks), and imports flow one way (cli -> stages and
+tools -> library)."""
 
 import copy
 import re
@@ -13,12 +14,12 @@ from .conftest import REPO
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = list(DVC_YAML["stages"])
-PROCESSING = STAGES[1:]  # after `check`, which runs every stage's params check through the CLI
+PROCESSING = STAGES[1:]  # after `check`, which runs every stage's params check
 PIPELINE = [f"stages/{name}.py" for name in PROCESSING]
 
 
 def module_of(dvc_yaml: dict, stage: str) -> str:
-    """The module a stage's cmd runs: `python -m stages.crop` -> stages.crop, `python -m stages check` -> stages.__main__."""
+    """The module a stage's cmd runs: `python -m stages.crop` -> stages.crop, `python -m pkg` -> pkg.__main__."""
     module = re.search(r"-m (\S+)", dvc_yaml["stages"][stage]["cmd"]).group(1)
     return module if "." in module else f"{module}.__main__"
 
@@ -40,8 +41,7 @@ def mismatches(dvc_yaml: dict) -> dict[str, dict[str, list[str]]]:
 def test_the_pipeline_has_the_check_then_the_stages_in_order():
     assert STAGES == ["check", "download", "weights", "filter", "crop", "split", "resample", "train", "evaluate",
                       "localize"]
-    assert DVC_YAML["stages"]["check"]["cmd"] == "python -m stages check"
-    for stage in PROCESSING:
+    for stage in STAGES:
         assert DVC_YAML["stages"][stage]["cmd"] == f"python -m stages.{stage}"
 
 
@@ -84,10 +84,25 @@ def test_the_library_imports_neither_stages_nor_tools():
         assert not [f for f in imported if not f.startswith("cxr14/")], module.name
 
 
+def test_the_check_runs_every_stages_check():
+    from stages import check
+
+    assert {stage.__name__ for stage in check.STAGES} == {f"stages.{s}" for s in PROCESSING}
+
+
 def test_the_tools_import_no_stage_module():
     for module in sorted((REPO / "experiments").glob("*.py")):
         imported = imports.project_files(f"experiments.{module.stem}")
         assert not set(imported) & set(PIPELINE), module.name
+
+
+@pytest.mark.parametrize("package", ["stages", "experiments"])
+def test_the_command_line_is_the_top_layer_and_no_stage_imports_the_tools(package):
+    """cli imports stages and experiments; stages import neither (so a stage's deps never hold the tools)."""
+    above = ("cli/",) if package == "experiments" else ("cli/", "experiments/")
+    for module in sorted((REPO / package).glob("*.py")):
+        imported = imports.project_files(f"{package}.{module.stem}")
+        assert not [f for f in imported if f.startswith(above)], f"{package}/{module.name}"
 
 
 def test_imports_are_found_wherever_they_are_written(tmp_path):
@@ -115,3 +130,67 @@ def test_the_trained_model_is_declared_a_dvc_model_artifact():
     assert artifact.type == "model" and artifact.desc and artifact.labels
     train = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
     assert artifact.path in [next(iter(out)) if isinstance(out, dict) else out for out in train["outs"]]
+
+
+# ---------------------------------------------------------------- params: what each stage reads, dvc.yaml declares
+
+
+def keys_read(check, params: dict, monkeypatch) -> set[str]:
+    """The params keys `check(params)` reads, through cxr14.params (Section.get and seed), as dotted leaves."""
+    import sys
+
+    from cxr14.params import Section, seed, training_seed
+
+    read: set[str] = set()
+    get = Section.get
+
+    def recorded_get(self, name):
+        read.add(self.key(name))
+        return get(self, name)
+
+    def recorded_seed(params):
+        read.add("seed")
+        return seed(params)
+
+    def recorded_training_seed(params):
+        read.update(("seed", "run_seed"))
+        return training_seed(params)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Section, "get", recorded_get)
+        for name, module in list(sys.modules.items()):  # `from cxr14.params import seed` binds it in each module
+            if name.startswith(("stages.", "cxr14.")) and getattr(module, "seed", None) is seed:
+                patch.setattr(module, "seed", recorded_seed)
+            if name.startswith(("stages.", "cxr14.")) and getattr(module, "training_seed", None) is training_seed:
+                patch.setattr(module, "training_seed", recorded_training_seed)
+        check(params)
+    return {key for key in read if not any(other.startswith(key + ".") for other in read)}  # sections read: leaves
+
+
+def covers(declared: str, key: str) -> bool:
+    return key == declared or key.startswith(declared + ".")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_declares_exactly_the_params_it_reads(stage, monkeypatch):
+    """Each stage's check reads its params (its main calls it first, and reads nothing else through cxr14.params):
+    the keys it reads, on the committed params.yaml and on the tests' synthetic one, are those dvc.yaml declares
+    for it, a declared section covering its keys. Not counted: the train stage's resume fingerprint hashes the
+    upstream stages' sections too (they reach it through its data deps), and the model file records the whole
+    params as a note of the run."""
+    import importlib
+
+    from cxr14.params import load
+
+    from .conftest import params_with
+
+    check = importlib.import_module(module_of(DVC_YAML, stage)).check
+    read = keys_read(check, load(REPO / "params.yaml"), monkeypatch) | keys_read(check, params_with(), monkeypatch)
+    declared = DVC_YAML["stages"][stage]["params"]
+    assert sorted(k for k in read if not any(covers(d, k) for d in declared)) == [], "read, not declared"
+    assert [d for d in declared if not any(covers(d, k) for k in read)] == [], "declared, never read"
+
+
+def test_the_files_that_params_name_are_deps_of_the_stage_that_reads_them():
+    deps = DVC_YAML["stages"]["download"]["deps"]
+    assert "${data.metadata}" in deps and "${data.download.archives_table}" in deps

@@ -5,14 +5,11 @@ import subprocess
 
 import pytest
 
-from .conftest import working_tree_copy
+from .conftest import preset_overrides, working_tree_copy
 
 pytestmark = pytest.mark.e2e
 
-SMOKE = ["data.source=synthetic", "data.synthetic.images=300", "data.synthetic.image_size=64",
-         "data.synthetic.min_positives_per_label=10", "crop.pixels=32",
-         "model.backbone=resnet18", "model.pretrained=none", "model.head.hidden=[]", "train.epochs=1",
-         "train.optimizer=adam", "evaluate.bootstrap=20"]
+SMOKE = preset_overrides("demo", "smoke")
 
 
 def sh(folder, *command):

@@ -27,16 +27,15 @@ from cxr14 import metadata as md
 from cxr14 import synthetic
 from cxr14.atomic import read_csv
 
-from .conftest import REPO, working_tree_copy
+from .conftest import REPO, preset_overrides, working_tree_copy
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 MARKER = re.compile(r"^<!-- (journey: [\w-]+|not run by tests: [^>]+) -->$")
 FENCE = re.compile(r"^```(bash|sh|shell|console)\s*$")
 
-# Smoke scale for every journey's dvc exp run: small images, a tiny network from scratch, one epoch.
-SMOKE = ["crop.pixels=32", "crop.workers=1", "model.backbone=resnet18", "model.pretrained=none", "model.head.hidden=[]",
-         "model.head.dropout=0.0", "train.epochs=1", "train.optimizer=adam", "evaluate.bootstrap=20",
-         "localize.gallery=0"]
+# Smoke scale for every journey's dvc exp run (presets/demo.yaml and smoke.yaml): small images, a tiny network
+# from scratch, two epochs; the data are the journey's own.
+SMOKE = preset_overrides("demo", "smoke", leave_out=("data.",))
 
 
 def shell_blocks() -> list[tuple[Path, int, str, str]]:
@@ -102,7 +101,7 @@ def standins(tmp_path_factory) -> dict[str, Path]:
     rows = synthetic.draw_patients(metadata, 240, 6, 8, 5).reset_index(drop=True)
     where = md.archive_of_each_image(metadata, md.read_archive_table(REPO / md.REFERENCE / md.ARCHIVES_FILE))
     archive = where.loc[rows["image"]].to_numpy()
-    pngs = [synthetic.encode_png(synthetic.render(row, 64, 5), 1) for _, row in rows.iterrows()]
+    pngs = [synthetic.encode_png(synthetic.render_with_boxes(row, 64, 5)[0], 1) for _, row in rows.iterrows()]
 
     def write(path: Path, png: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,8 +138,8 @@ def run(folder: Path, command: str, standins: dict[str, Path], smoke: list[str] 
         command = re.sub(re.escape(path) + r"(?=/|\s|$)", str(standin), command)
     args = shlex.split(command)
     if args[0] == "cxr":
-        args = [sys.executable, "-m", "stages", *args[1:]]
-    if args[:3] == ["dvc", "exp", "run"] or args[1:4] == ["-m", "stages", "table"]:
+        args = [sys.executable, "-m", "cli", *args[1:]]
+    if args[:3] == ["dvc", "exp", "run"] or args[1:4] == ["-m", "cli", "table"]:
         args += [a for item in smoke for a in ("-S", item)] + ([target] if target else [])
     done = subprocess.run(args, cwd=folder, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{' '.join(args)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

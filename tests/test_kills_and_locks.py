@@ -15,9 +15,10 @@ import pandas as pd
 import pytest
 
 from cxr14.atomic import atomic_path
+from cxr14.params import StageError
 from stages import crop
 
-from .conftest import REPO, working_tree_copy, write_params
+from .conftest import REPO, preset_overrides, working_tree_copy, write_params
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -175,7 +176,7 @@ def test_crop_stops_before_any_work_when_the_disk_cannot_hold_the_array(pipeline
     params = write_params(pipeline, {"crop": {"pixels": 48}})
     before = (pipeline / "data/crop/images.npy").stat().st_mtime_ns
     monkeypatch.setattr(crop.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(crop.P.StageError) as caught:
+    with pytest.raises(StageError) as caught:
         crop.main(params)
     assert "data/crop/images.npy needs" in str(caught.value) and "1,000 free" in str(caught.value)
     assert (pipeline / "data/crop/images.npy").stat().st_mtime_ns == before and not temporary_arrays(pipeline)
@@ -313,8 +314,7 @@ def test_a_stage_finds_the_dvc_process_that_runs_it():
     assert outside.stdout.strip() == "None"
 
 
-SMOKE = ["data.source=synthetic", "data.synthetic.images=200", "data.synthetic.image_size=64",
-         "data.synthetic.min_positives_per_label=5", "model.pretrained=none", "crop.workers=1"]
+SMOKE = preset_overrides("demo", "smoke")
 SECOND_WRITER = """import yaml
 params = yaml.safe_load(open("params.yaml"))
 params["filter"]["views"] = ["PA"]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from cxr14 import images, metadata, packed_images
+from cxr14 import images, metadata, packed_images, parallel_crop
 from cxr14.atomic import read_csv
-from cxr14.images import ArchiveError, iter_archive, list_archive, scan_local, to_gray
+from cxr14.images import ArchiveError, crop_resize, iter_archive, list_archive, scan_local, to_gray
 from cxr14.params import StageError
 from stages import crop, download, filter
 
@@ -112,7 +112,7 @@ def test_any_png_mode_becomes_one_channel(mode):
     else:
         image = Image.fromarray(gray).convert(mode)
     decoded = Image.open(io.BytesIO(png_bytes(image)))
-    out = crop.crop_resize(decoded, 1.0, 64)
+    out = crop_resize(decoded, 1.0, 64)
     assert out.dtype == np.uint8 and out.shape == (64, 64)
     assert np.abs(out.astype(int) - gray).max() <= 1
 
@@ -135,16 +135,16 @@ def png16(pixels: np.ndarray, sbit: int | None = None) -> bytes:
 ], ids=["12-bit", "12-bit-sbit", "scaled-sbit", "16-bit"])
 def test_a_16_bit_png_is_scaled_from_its_real_depth_in_crop(stored, sbit, expected):
     pixels = np.tile(np.repeat(np.array(stored), 16), (48, 1))  # three bands, 16 pixels wide
-    out = crop.crop_png(png16(pixels, sbit), 1.0, 48)  # what the stage's decoders run on each PNG
+    out = parallel_crop.crop_png(png16(pixels, sbit), 1.0, 48)  # what the stage's decoders run on each PNG
     assert list(out[24, [8, 24, 40]]) == expected
 
 
 def test_center_crop_keeps_the_middle():
     pixels = np.zeros((100, 100), dtype=np.uint8)
     pixels[25:75, 25:75] = 200  # the center half is bright, the border dark
-    out = crop.crop_resize(Image.fromarray(pixels), 0.5, 10)
+    out = crop_resize(Image.fromarray(pixels), 0.5, 10)
     assert out[1:-1, 1:-1].min() == 200 and out.mean() > 180  # the filter's edge reaches just past the box
-    assert crop.crop_resize(Image.fromarray(pixels), 1.0, 10).min() == 0
+    assert crop_resize(Image.fromarray(pixels), 1.0, 10).min() == 0
 
 
 def replace_member(archive, name, data):

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from cxr14 import boxes, cam, localize, models, synthetic
+from cxr14.images import crop_resize
 from stages import crop, download, filter, resample, split, train
 from stages import localize as localize_stage
-from stages.crop import crop_resize
 
 from .conftest import make_project, write_params
 
@@ -129,36 +129,36 @@ def small_net(hidden=(), backbone="resnet18", top="replace_last", outputs=3):
 def test_heatmaps_are_unit_maps_at_the_input_side_and_leave_the_model_as_it_was():
     net = small_net().train()
     images = torch.randn(4, 3, 64, 64)
-    maps = cam.class_heatmaps(net, images, [0, 1, 2, 0])
+    maps = cam.class_heatmaps(net, "resnet18", images, [0, 1, 2, 0])
     assert maps.shape == (4, 64, 64) and maps.min() >= 0 and maps.max() <= 1
     assert not net.training
     assert all(p.grad is None for p in net.parameters())
-    assert cam.class_heatmaps(net, images, [0, 1, 2, 0], upsample=False).shape == (4, 2, 2)
+    assert cam.class_heatmaps(net, "resnet18", images, [0, 1, 2, 0], upsample=False).shape == (4, 2, 2)
 
 
 def test_for_pooled_features_under_one_linear_layer_gradcam_is_cam():
     """With global average pooling then one linear layer, Grad-CAM's weights are the classifier's (over h x w)."""
     net = small_net()
     images = torch.randn(2, 3, 64, 64)
-    gradcam = cam.class_heatmaps(net, images, [1, 2], "gradcam", upsample=False)
-    plain = cam.class_heatmaps(net, images, [1, 2], "cam", upsample=False)  # min-max scaled: compare after ReLU
-    raw = cam._cam(net, images, [1, 2])[:, 0].clamp(min=0)
+    gradcam = cam.class_heatmaps(net, "resnet18", images, [1, 2], "gradcam", upsample=False)
+    plain = cam.class_heatmaps(net, "resnet18", images, [1, 2], "cam", upsample=False)  # min-max scaled: compare after ReLU
+    raw = cam._cam(net, "resnet18", images, [1, 2])[:, 0].clamp(min=0)
     assert torch.allclose(gradcam, raw / raw.flatten(1).amax(1)[:, None, None], atol=1e-4)
     assert plain.min() == 0 and plain.max() == 1
 
 
 def test_plain_cam_is_refused_under_hidden_layers():
     net = small_net(hidden=[8])
-    assert not cam.cam_available(net)
+    assert cam.cam_weights(net, "resnet18") is None
     with pytest.raises(ValueError, match="model.head.hidden"):
-        cam.class_heatmaps(net, torch.randn(1, 3, 64, 64), [0], "cam")
+        cam.class_heatmaps(net, "resnet18", torch.randn(1, 3, 64, 64), [0], "cam")
 
 
 @pytest.mark.parametrize("backbone", ["densenet121", "vgg16", "efficientnet_b0", "mobilenet_v3_small"])
 def test_every_backbone_family_has_a_target_layer(backbone):
     net = small_net(backbone=backbone, top="pooled")
-    assert cam.class_heatmaps(net, torch.randn(2, 3, 64, 64), [0, 1]).shape == (2, 64, 64)
-    assert cam.cam_available(net)
+    assert cam.class_heatmaps(net, backbone, torch.randn(2, 3, 64, 64), [0, 1]).shape == (2, 64, 64)
+    assert cam.cam_weights(net, backbone) is not None
 
 
 def test_an_overlay_is_an_rgb_image_of_the_images_size():
@@ -190,7 +190,8 @@ def test_a_synthetic_box_is_where_the_drawn_sign_changed_the_image(finding, imag
     """The same chest with and without the sign (the later random draws shift, so the whole image changes a
     little): the change is large inside the box and small in a ring just outside it."""
     row = pd.Series({"image": image, "patient_id": 1, "view": "PA", "labels": finding})
-    clean = synthetic.render(row.copy().set_axis(row.index).replace(finding, "No Finding"), 128, seed=0).astype(float)
+    healthy = row.copy().set_axis(row.index).replace(finding, "No Finding")
+    clean = synthetic.render_with_boxes(healthy, 128, seed=0)[0].astype(float)
     sick, drawn = synthetic.render_with_boxes(row, 128, seed=0)
     assert [name for name, *_ in drawn] == [finding]
     x, y, w, h = (int(v) for v in drawn[0][1:])
@@ -299,11 +300,11 @@ def test_a_model_trained_on_the_signs_points_at_them_far_more_often_than_a_rando
 
 
 def test_the_check_refuses_plain_cam_under_hidden_layers():
-    from cxr14 import params as P
+    from cxr14.params import ParamError
 
     from .conftest import params_with
 
-    with pytest.raises(P.ParamError, match="localize.method"):
+    with pytest.raises(ParamError, match="localize.method"):
         localize_stage.check(params_with({"localize.method": "cam", "model.head.hidden": [16]}))
     assert localize_stage.check(params_with({"localize.method": "cam"})).method == "cam"
 

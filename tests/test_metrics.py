@@ -3,7 +3,7 @@
 import numpy as np
 from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
 
-from cxr14 import metrics as M
+from cxr14 import metrics
 
 NAMES = ("A", "B", "C")
 
@@ -18,7 +18,7 @@ def fixed(n=300, seed=0):
 
 def test_auroc_matches_scikit_learn():
     y, p = fixed()
-    result = M.auroc(y, p, NAMES)
+    result = metrics.auroc(y, p, NAMES)
     for j, name in enumerate(NAMES):
         assert result["per_label"][name] == roc_auc_score(y[:, j], p[:, j])
     assert result["micro"] == roc_auc_score(y.ravel(), p.ravel())
@@ -27,27 +27,27 @@ def test_auroc_matches_scikit_learn():
 
 def test_rank_auroc_used_by_the_bootstrap_equals_scikit_learn():
     y, p = fixed()
-    assert np.allclose(M.rank_auroc(y, p), [roc_auc_score(y[:, j], p[:, j]) for j in range(3)])
+    assert np.allclose(metrics.rank_auroc(y, p), [roc_auc_score(y[:, j], p[:, j]) for j in range(3)])
 
 
 def test_a_label_with_one_class_has_no_auroc_and_stays_out_of_the_macro():
     y, p = fixed()
     y[:, 2] = 0
-    result = M.auroc(y, p, NAMES)
+    result = metrics.auroc(y, p, NAMES)
     assert result["per_label"]["C"] is None
     assert np.isclose(result["macro"], np.mean([result["per_label"]["A"], result["per_label"]["B"]]))
 
 
 def test_auprc_matches_scikit_learn():
     y, p = fixed()
-    result = M.auprc(y, p, NAMES)
+    result = metrics.auprc(y, p, NAMES)
     for j, name in enumerate(NAMES):
         assert result["per_label"][name] == average_precision_score(y[:, j], p[:, j])
 
 
 def test_scores_at_a_threshold_match_scikit_learn():
     y, p = fixed()
-    scores = M.at_threshold(y[:, 0], p[:, 0], 0.6)
+    scores = metrics.at_threshold(y[:, 0], p[:, 0], 0.6)
     predicted = p[:, 0] >= 0.6
     assert np.isclose(scores["precision"], precision_score(y[:, 0], predicted))
     assert np.isclose(scores["sensitivity"], recall_score(y[:, 0], predicted))
@@ -58,15 +58,15 @@ def test_scores_at_a_threshold_match_scikit_learn():
 
 def test_f1_threshold_is_the_best_f1_on_validation():
     y, p = fixed()
-    chosen = M.choose_threshold(y[:, 1], p[:, 1], "f1")
+    chosen = metrics.choose_threshold(y[:, 1], p[:, 1], "f1")
     best = max(f1_score(y[:, 1], p[:, 1] >= t) for t in np.unique(p[:, 1]))
     assert np.isclose(f1_score(y[:, 1], p[:, 1] >= chosen), best)
 
 
 def test_pr_crossing_threshold_balances_precision_and_recall():
     y, p = fixed()
-    chosen = M.choose_threshold(y[:, 0], p[:, 0], "pr_crossing")
-    scores = M.at_threshold(y[:, 0], p[:, 0], chosen)
+    chosen = metrics.choose_threshold(y[:, 0], p[:, 0], "pr_crossing")
+    scores = metrics.at_threshold(y[:, 0], p[:, 0], chosen)
     assert abs(scores["precision"] - scores["sensitivity"]) < 0.05
 
 
@@ -75,8 +75,8 @@ def test_bootstrap_interval_holds_the_estimate_and_narrows_with_more_data():
     for n in (200, 3000):
         y, p = fixed(n, seed=1)
         patients = np.arange(n) // 3  # three images per patient
-        ci = M.bootstrap_auroc(y, p, patients, rounds=300, seed=0)
-        point = M.auroc(y, p, NAMES)
+        ci = metrics.bootstrap_auroc(y, p, patients, rounds=300, seed=0)
+        point = metrics.auroc(y, p, NAMES)
         for j, name in enumerate(NAMES):
             low, high = ci["per_label"][j]
             assert low <= point["per_label"][name] <= high
@@ -87,7 +87,7 @@ def test_bootstrap_interval_holds_the_estimate_and_narrows_with_more_data():
 
 def test_bootstrap_resamples_whole_patients():
     y, p = fixed(60)
-    one_patient = M.bootstrap_auroc(y, p, np.zeros(60, dtype=int), rounds=50, seed=0)
+    one_patient = metrics.bootstrap_auroc(y, p, np.zeros(60, dtype=int), rounds=50, seed=0)
     assert one_patient["macro"][0] == one_patient["macro"][1]  # one patient: every resample is the same set
 
 
@@ -104,6 +104,6 @@ def test_each_bootstrap_round_is_the_auroc_of_the_resampled_rows_ties_included()
     times = np.bincount(drawn, minlength=len(ids))[rows_of]
     for j in range(2):
         by_hand = roc_auc_score(y[rows, j], p[rows, j])
-        assert abs(M._weighted_auroc(times, *M._ranked(y[:, j], p[:, j])) - by_hand) < 1e-12
-    one_round = M.bootstrap_auroc(y, p, patients, rounds=1, seed=5, level=0.0)
+        assert abs(metrics._weighted_auroc(times, *metrics._ranked(y[:, j], p[:, j])) - by_hand) < 1e-12
+    one_round = metrics.bootstrap_auroc(y, p, patients, rounds=1, seed=5, level=0.0)
     assert abs(one_round["per_label"][0][0] - roc_auc_score(y[rows, 0], p[rows, 0])) < 1e-12

@@ -152,8 +152,15 @@ def test_bad_own_metadata_is_one_line_naming_the_file(project, own_copy, make_ba
 
 
 def test_own_metadata_goes_with_a_local_folder_only(own_copy):
-    with pytest.raises(ParamError, match="data.metadata = .*expected null with data.source synthetic"):
+    with pytest.raises(ParamError, match="data.metadata = .*expected NIH's metadata, .* with data.source synthetic"):
         download.check(params_with({"data": {"source": "synthetic", "metadata": str(own_copy / "labels.csv")}}))
+
+
+@pytest.mark.parametrize("key", ["metadata", "download.archives_table"])
+def test_a_file_named_in_params_is_written_as_dvc_reads_it(own_copy, key):
+    """dvc.yaml makes it a dep of download (`${data.metadata}`), and DVC does not expand ~."""
+    with pytest.raises(ParamError, match=f"data.{key} = '~/labels.csv' .*does not expand ~"):
+        download.check(params_with({"data.source": "local", "data.local_dir": str(own_copy), f"data.{key}": "~/labels.csv"}))
 
 
 def test_own_metadata_that_is_not_there_stops_the_check(own_copy):
@@ -243,7 +250,7 @@ def test_kaggle_sample_runs_through_download_filter_crop(project, kaggle_sample)
 
 
 def test_kaggle_sample_needs_no_metadata_setting(project, kaggle_sample):
-    """Its images are NIH's, so NIH's metadata lists them: data.metadata: null works too."""
+    """Its images are NIH's, so NIH's metadata lists them: data.metadata as params.yaml has it works too."""
     download.main(write_params(project, {"data": {"source": "local", "local_dir": str(kaggle_sample)}}))
     raw = read_csv(project / "data/raw/metadata.csv")
     assert set(raw["image"]) == set(pd.read_csv(kaggle_sample / "sample_labels.csv")["Image Index"])

@@ -87,7 +87,7 @@ def test_stage_stops_before_any_work(project):
     write_params(project, {"crop": {"pixels": 0}})
     from typer.testing import CliRunner
 
-    from stages.cli import app
+    from cli.app import app
 
     result = CliRunner().invoke(app, ["crop"])
     assert result.exit_code == 2
@@ -172,7 +172,7 @@ def test_split_sizes_that_leave_a_part_empty_name_the_key(tiny_pipeline, project
 def test_cxr_check_names_a_bad_value_of_any_section_before_any_work(project):
     from typer.testing import CliRunner
 
-    from stages.cli import app
+    from cli.app import app
 
     write_params(project, {"evaluate": {"batch_size": 0}})
     result = CliRunner().invoke(app, ["check"])
@@ -189,7 +189,7 @@ def test_cxr_check_names_a_bad_value_of_any_section_before_any_work(project):
 def test_cxr_check_asks_for_missing_imagenet_weights_before_any_work(project, monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    from stages.cli import app
+    from cli.app import app
 
     monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "empty-hub"))
     with socket.socket() as unused:  # a port nobody listens on: the weights' server cannot be reached
@@ -244,7 +244,7 @@ def test_a_key_given_twice_is_refused_naming_the_file_line_and_key(project, text
 def cli(*args):
     from typer.testing import CliRunner
 
-    from stages.cli import app
+    from cli.app import app
 
     return CliRunner().invoke(app, list(args))
 

@@ -8,8 +8,8 @@ import shutil
 import pytest
 from dvc.utils.hydra import apply_overrides
 
-from cxr14 import params as P
-from experiments import demo, tables
+from cxr14.params import apply, flatten, load
+from experiments import demo, presets, tables
 
 from .conftest import REPO
 
@@ -17,8 +17,13 @@ from .conftest import REPO
 FIRST = {"data.source": "synthetic", "data.synthetic.image_size": 128, "crop.pixels": 64, "model.pretrained": "none"}
 
 
+# Every preset (presets/*.yaml): the demo's, and each of the others on top of it.
+PRESETS = [("demo",)] + [("demo", path.stem) for path in sorted(presets.FOLDER.glob("*.yaml")) if path.stem != "demo"]
+
+
 def override_sets() -> list[tuple[str, dict]]:
-    sets = [("demo", demo.DEMO), ("chexnet-ablation", {"model.backbone": "densenet121", "model.head.hidden": []})]
+    sets = [(f"preset-{'+'.join(names)}", presets.load(*names)) for names in PRESETS]
+    sets.append(("chexnet-ablation", {"model.backbone": "densenet121", "model.head.hidden": []}))
     for table in tables.load().values():
         for column in table.columns:
             if not column.reference:
@@ -36,8 +41,8 @@ def lookup(params: dict, key: str):
 
 def dvc_set(path, settings: dict) -> dict:
     """What `dvc exp run -S ...` does to params.yaml before it runs anything, then the file as the stages read it."""
-    apply_overrides(str(path), demo.overrides(settings, P.load(path)))
-    return P.load(path)
+    apply_overrides(str(path), demo.overrides(settings, load(path)))
+    return load(path)
 
 
 @pytest.mark.parametrize("name, settings", override_sets(), ids=[name for name, _ in override_sets()])
@@ -103,3 +108,12 @@ def test_every_default_the_report_does_not_state_says_ours():
     missing = [key for key in UNSTATED if not marked_ours(comments, key)]
     assert not missing, f"params.yaml: no 'ours' above {missing}"
     assert not marked_ours(comments, "crop.pixels") and not marked_ours(comments, "model.head.dropout")  # the report's
+
+
+@pytest.mark.parametrize("names", PRESETS, ids="+".join)
+def test_every_preset_sets_keys_of_params_yaml_to_values_every_stage_accepts(names):
+    from stages import check
+
+    settings, base = presets.load(*names), load(REPO / "params.yaml")
+    assert [key for key in settings if key not in flatten(base)] == []
+    check.check(apply(base, settings))

@@ -13,12 +13,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cxr14 import models
-from cxr14 import predict as P
+from cli.app import app
+from cxr14 import models, predict
 from cxr14.batches import prepare
 from cxr14.images import crop_resize
 from stages import train
-from stages.cli import app
 
 from .conftest import params_with
 
@@ -39,7 +38,7 @@ def model_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(model_file):
-    return P.load_model(str(model_file), "cpu")
+    return predict.load_model(str(model_file), "cpu")
 
 
 def xray(seed=0, shape=(60, 80)):
@@ -90,13 +89,13 @@ def network_on(pixels, model_file):
 
 
 def run(predictor, files, **kwargs):
-    return P.predict(predictor, [Path(f) for f in files], 4, show_progress=False, **kwargs)
+    return predict.predict(predictor, [Path(f) for f in files], 4, show_progress=False, **kwargs)
 
 
 def test_an_image_is_prepared_with_the_crop_and_sizes_its_model_was_trained_with(predictor, tmp_path):
     path = save_png(tmp_path / "a.png", xray())
     assert (predictor.fraction, predictor.crop_size, predictor.input_size) == (FRACTION, CROP, INPUT)
-    prepared = predictor.preprocess(P.read_image(path))
+    prepared = predictor.preprocess(predict.read_image(path))
     assert prepared.shape == (CROP, CROP)
     assert np.array_equal(prepared, crop_resize(Image.open(path), FRACTION, CROP))
 
@@ -126,7 +125,7 @@ def test_a_12_bit_png_predicts_as_its_8_bit_image(predictor, tmp_path):
     """A hospital's export: 12-bit values (0-4095) in a 16-bit PNG keep their contrast, as in the crop stage."""
     pixels = xray()
     twelve = save_png(tmp_path / "12-bit.png", np.round(pixels * (4095 / 255)).astype(np.uint16))
-    assert np.array_equal(P.read_image(twelve), pixels)
+    assert np.array_equal(predict.read_image(twelve), pixels)
     from_twelve, from_eight = run(predictor, [twelve, save_png(tmp_path / "8-bit.png", pixels)])
     assert np.array_equal(from_twelve.probabilities, from_eight.probabilities)
 
@@ -137,22 +136,22 @@ def test_a_dicom_window_and_rescale_map_to_the_full_grey_range(tmp_path):
     path = write_dicom(tmp_path / "a.dcm", stored, window=(2000, 1001), rescale=(2, -1000))
     value = 2.0 * stored - 1000
     expected = np.round(np.clip((value - 1999.5) / 1000 + 0.5, 0, 1) * 255).astype(np.uint8)
-    assert np.array_equal(P.read_image(path), expected)
-    assert P.read_image(path).min() == 0 and P.read_image(path).max() == 255
+    assert np.array_equal(predict.read_image(path), expected)
+    assert predict.read_image(path).min() == 0 and predict.read_image(path).max() == 255
 
 
 def test_a_dicom_without_a_window_is_scaled_by_its_bit_depth(tmp_path):
     stored = np.array([[0, 1024, 2048, 4095]], dtype=np.uint16)
     path = write_dicom(tmp_path / "a.dcm", stored, bits=12)
-    assert list(P.read_image(path)[0]) == [0, 64, 128, 255]  # round(v * 255 / 4095)
+    assert list(predict.read_image(path)[0]) == [0, 64, 128, 255]  # round(v * 255 / 4095)
 
 
 def test_a_monochrome1_dicom_predicts_as_the_inverted_monochrome2_one(predictor, tmp_path):
     stored = (xray().astype(np.uint16) * 16).astype(np.uint16)  # 12 bits
     m1 = write_dicom(tmp_path / "m1.dcm", stored, "MONOCHROME1", window=(2048, 3000))
     m2 = write_dicom(tmp_path / "m2.dcm", stored, "MONOCHROME2", window=(2048, 3000))
-    assert np.array_equal(P.read_image(m1), 255 - P.read_image(m2))
-    inverted = save_png(tmp_path / "inverted.png", 255 - P.read_image(m2))
+    assert np.array_equal(predict.read_image(m1), 255 - predict.read_image(m2))
+    inverted = save_png(tmp_path / "inverted.png", 255 - predict.read_image(m2))
     one, two, png = run(predictor, [m1, m2, inverted])
     assert np.array_equal(one.probabilities, png.probabilities)
     assert not np.array_equal(one.probabilities, two.probabilities)
@@ -162,7 +161,7 @@ def test_a_dicom_file_is_found_by_its_marker_without_a_suffix(tmp_path):
     stored = np.array([[0, 4095]], dtype=np.uint16)
     path = write_dicom(tmp_path / "a.dcm", stored)
     path.rename(tmp_path / "IM0001")
-    assert list(P.read_image(tmp_path / "IM0001")[0]) == [0, 255]
+    assert list(predict.read_image(tmp_path / "IM0001")[0]) == [0, 255]
 
 
 def test_a_folder_is_searched_recursively_for_png_jpeg_and_dicom(tmp_path):
@@ -171,7 +170,7 @@ def test_a_folder_is_searched_recursively_for_png_jpeg_and_dicom(tmp_path):
     Image.fromarray(xray()).save(tmp_path / "study/series/b.jpeg")
     write_dicom(tmp_path / "study/series/IM0001", np.zeros((4, 4), np.uint16))
     (tmp_path / "study/notes.txt").write_text("not an image")
-    files, problems = P.find_images([tmp_path / "study"])
+    files, problems = predict.find_images([tmp_path / "study"])
     assert [f.relative_to(tmp_path).as_posix() for f in files] == ["study/a.PNG", "study/series/IM0001",
                                                                   "study/series/b.jpeg"]
     assert problems == {}
@@ -179,7 +178,7 @@ def test_a_folder_is_searched_recursively_for_png_jpeg_and_dicom(tmp_path):
 
 def test_paths_that_give_no_image_are_named_with_why(tmp_path):
     (tmp_path / "empty").mkdir()
-    files, problems = P.find_images([tmp_path / "empty", tmp_path / "missing.png"])
+    files, problems = predict.find_images([tmp_path / "empty", tmp_path / "missing.png"])
     assert files == []
     assert "no PNG, JPEG or DICOM" in problems[str(tmp_path / "empty")]
     assert problems[str(tmp_path / "missing.png")] == "no such file or folder"
@@ -231,8 +230,8 @@ def test_a_model_file_without_its_preparation_is_refused_clearly(model_file, tmp
     saved = torch.load(model_file, weights_only=False)
     del saved["params"]["crop"]
     torch.save(saved, tmp_path / "old.pt")
-    with pytest.raises(P.PredictError, match="does not record params.crop.fraction, params.crop.pixels"):
-        P.load_model(str(tmp_path / "old.pt"), "cpu")
+    with pytest.raises(predict.PredictError, match="does not record params.crop.fraction, params.crop.pixels"):
+        predict.load_model(str(tmp_path / "old.pt"), "cpu")
 
 
 def other_backbone(saved):
@@ -283,7 +282,7 @@ def test_an_out_folder_without_write_permission_is_exit_2(model_file, tmp_path, 
     def denied(*args, dir=None, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
 
-    monkeypatch.setattr(P.tempfile, "TemporaryFile", denied)
+    monkeypatch.setattr(predict.tempfile, "TemporaryFile", denied)
     result = CliRunner().invoke(app, ["predict", str(save_png(tmp_path / "a.png", xray())), "--model", str(model_file),
                                       "--device", "cpu", "--out", str(tmp_path / "out.csv")])
     assert result.exit_code == 2, result.output
@@ -292,8 +291,8 @@ def test_an_out_folder_without_write_permission_is_exit_2(model_file, tmp_path, 
 
 
 def test_a_missing_model_file_says_how_to_make_one(tmp_path):
-    with pytest.raises(P.PredictError, match="no such file.*dvc repro"):
-        P.load_model(str(tmp_path / "model.pt"), "cpu")
+    with pytest.raises(predict.PredictError, match="no such file.*dvc repro"):
+        predict.load_model(str(tmp_path / "model.pt"), "cpu")
 
 
 def test_heatmaps_overlay_each_images_top_labels(predictor, tmp_path):
@@ -316,24 +315,24 @@ def test_an_experiments_model_is_read_through_dvc_by_its_name(model_file, tmp_pa
 
     def save(epoch):
         saved = torch.load(model_file, weights_only=False)
-        torch.save({**saved, "epoch": epoch}, tmp_path / P.MODEL_FILE)
+        torch.save({**saved, "epoch": epoch}, tmp_path / predict.MODEL_FILE)
 
     sh("git", "init", "-q")
     sh("git", "config", "user.email", "test@example.invalid")
     sh("git", "config", "user.name", "test")
     sh("dvc", "init", "-q")
-    (tmp_path / P.MODEL_FILE).parent.mkdir(parents=True)
-    shutil.copy(model_file, tmp_path / P.MODEL_FILE)
+    (tmp_path / predict.MODEL_FILE).parent.mkdir(parents=True)
+    shutil.copy(model_file, tmp_path / predict.MODEL_FILE)
     save(1)
-    sh("dvc", "add", "-q", P.MODEL_FILE)
+    sh("dvc", "add", "-q", predict.MODEL_FILE)
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "a first model")
     save(7)
     sh("dvc", "exp", "save", "-q", "-n", "longer")
     save(9)  # the workspace moves on: the experiment's file is still its own
     monkeypatch.chdir(tmp_path)
-    assert P.read_model_file("longer")[0]["epoch"] == 7
-    assert P.read_model_file("HEAD")[0]["epoch"] == 1
-    assert P.load_model("longer", "cpu").source == f"{P.MODEL_FILE} of longer"
-    with pytest.raises(P.PredictError, match="nope: no such file, and .* cannot be read from an experiment"):
-        P.load_model("nope", "cpu")
+    assert predict.read_model_file("longer")[0]["epoch"] == 7
+    assert predict.read_model_file("HEAD")[0]["epoch"] == 1
+    assert predict.load_model("longer", "cpu").source == f"{predict.MODEL_FILE} of longer"
+    with pytest.raises(predict.PredictError, match="nope: no such file, and .* cannot be read from an experiment"):
+        predict.load_model("nope", "cpu")

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from dvc.stage.cache import _get_cache_hash
 
-from cxr14 import params as P
+from cxr14.params import PARAMS_FILE, apply, load
 
-from .conftest import REPO, working_tree_copy
+from .conftest import REPO, preset_overrides, working_tree_copy
 
 
 def run_cache_key(params: dict) -> str:
@@ -41,7 +41,7 @@ def every_key() -> list[str]:
             if isinstance(value, dict):
                 walk(value, f"{prefix}{name}.")
 
-    walk(P.load(REPO / P.PARAMS_FILE), "")
+    walk(load(REPO / PARAMS_FILE), "")
     for table in yaml.safe_load((REPO / "tables.yaml").read_text()).values():
         for part in (table, *table["columns"]):
             keys.update(part.get("set", {}), part.get("demo", {}))
@@ -50,24 +50,23 @@ def every_key() -> list[str]:
 
 @pytest.mark.parametrize("key", every_key())
 def test_every_param_is_part_of_dvcs_run_cache_key(key):
-    params = P.load(REPO / P.PARAMS_FILE)
+    params = load(REPO / PARAMS_FILE)
     *parents, last = key.split(".")
     node = params
     for part in parents:
         node = node.setdefault(part, {})
-    other = P.apply(params, {key: changed(node.get(last))})
+    other = apply(params, {key: changed(node.get(last))})
     assert run_cache_key(other) != run_cache_key(params), (
         f"{key}: DVC's run cache ignores this key's value; rename it (DVC drops every key named size or nfiles)")
 
 
 def test_the_guard_catches_a_key_dvc_ignores():
     params = {"crop": {"size": 32, "fraction": 0.75}}
-    assert run_cache_key(P.apply(params, {"crop.size": 24})) == run_cache_key(params)
-    assert run_cache_key(P.apply(params, {"crop.fraction": 0.5})) != run_cache_key(params)
+    assert run_cache_key(apply(params, {"crop.size": 24})) == run_cache_key(params)
+    assert run_cache_key(apply(params, {"crop.fraction": 0.5})) != run_cache_key(params)
 
 
-SMOKE = ["data.source=synthetic", "data.synthetic.images=200", "data.synthetic.image_size=64",
-         "data.synthetic.min_positives_per_label=5", "model.pretrained=none", "crop.workers=1"]
+SMOKE = preset_overrides("demo", "smoke")
 
 
 def crop_run(folder, pixels: int) -> str:

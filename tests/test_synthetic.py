@@ -8,7 +8,7 @@ import pandas as pd
 
 from cxr14 import labels, metadata, synthetic
 from cxr14.atomic import read_csv
-from cxr14.images import iter_archive, open_png, to_gray
+from cxr14.images import iter_archive, open_image, to_gray
 from stages import download
 
 from .conftest import write_params
@@ -60,18 +60,19 @@ def test_stratified_draw_gives_every_label_its_positives():
 
 def test_each_finding_changes_the_image():
     row = pd.Series({"image": "00000001_000.png", "patient_id": 1, "view": "PA", "labels": "No Finding"})
-    clean = synthetic.render(row, 128, seed=0).astype(int)
+    clean = synthetic.render_with_boxes(row, 128, seed=0)[0].astype(int)
     for name in labels.FINDINGS:
-        sick = synthetic.render(row.copy().set_axis(row.index).replace("No Finding", name), 128, seed=0).astype(int)
+        sick_row = row.copy().set_axis(row.index).replace("No Finding", name)
+        sick = synthetic.render_with_boxes(sick_row, 128, seed=0)[0].astype(int)
         assert np.abs(sick - clean).mean() > 0.5, name
 
 
 def test_blacklisted_images_come_out_rotated_or_degraded():
     row = pd.Series({"image": "00000001_000.png", "patient_id": 1, "view": "PA", "labels": "Effusion"})
-    clean = synthetic.render(row, 96, seed=0)
-    rotated = synthetic.render(row, 96, seed=0, blacklist_reason="rotated")
+    clean = synthetic.render_with_boxes(row, 96, seed=0)[0]
+    rotated = synthetic.render_with_boxes(row, 96, seed=0, blacklist_reason="rotated")[0]
     assert any(np.array_equal(rotated, np.rot90(clean, k)) for k in (1, 2, 3))
-    degraded = synthetic.render(row, 96, seed=0, blacklist_reason="lower_quality").astype(float)
+    degraded = synthetic.render_with_boxes(row, 96, seed=0, blacklist_reason="lower_quality")[0].astype(float)
     assert np.corrcoef(degraded.ravel(), clean.ravel())[0, 1] < 0.9
     assert degraded.std() < clean.std()
 
@@ -84,7 +85,7 @@ def test_blacklisted_names_in_the_archives_are_the_degraded_ones(project):
     assert len(hits) >= 3, "a 1500-image draw holds some blacklisted images"
     found = {}
     for archive in (project / "data/raw/archives").glob("*.tar.gz"):
-        found.update({name: to_gray(open_png(data)) for name, data in iter_archive(archive, set(hits["image"]))})
+        found.update({name: to_gray(open_image(data)) for name, data in iter_archive(archive, set(hits["image"]))})
     for _, row in hits.iterrows():
-        assert np.array_equal(found[row["image"]], synthetic.render(row, 64, 3, reason[row["image"]]))
-        assert not np.array_equal(found[row["image"]], synthetic.render(row, 64, 3, None))
+        assert np.array_equal(found[row["image"]], synthetic.render_with_boxes(row, 64, 3, reason[row["image"]])[0])
+        assert not np.array_equal(found[row["image"]], synthetic.render_with_boxes(row, 64, 3, None)[0])

@@ -9,13 +9,12 @@ import sys
 import pytest
 
 from cxr14 import labels
-from cxr14 import params as P
-from cxr14.params import load
+from cxr14.params import apply, flatten, load
 from experiments import demo as demo_settings
 from experiments import tables
 from stages import crop, download, evaluate, filter, resample, split, train
 
-from .conftest import REPO, working_tree_copy
+from .conftest import REPO, preset_overrides, working_tree_copy
 from .test_journeys import journey
 
 CHECKS = (download, filter, crop, split, resample, train, evaluate)
@@ -34,7 +33,7 @@ def test_every_override_is_a_real_key_with_a_valid_value(name):
     base = load(REPO / "params.yaml")
     for column in table.runnable:
         for demo in (False, True):
-            params = P.apply(base, tables.settings(table, column, demo))
+            params = apply(base, tables.settings(table, column, demo))
             for stage in CHECKS:
                 stage.check(params)  # raises ParamError naming the key on a typo or a bad value
             assert params["task"]["kind"] in (table.task, "multilabel15", "multilabel14_findings_only")
@@ -82,12 +81,11 @@ def test_markdown_puts_the_reports_figure_beside_each_new_one():
     assert "say nothing about NIH" in text and "Not run yet: relu-256-50, relu-256-50-dropout" in text
 
 
-SMOKE = ["data.synthetic.images=300", "data.synthetic.image_size=64", "data.synthetic.min_positives_per_label=10",
-         "crop.pixels=32", "train.epochs=2", "train.switch.epoch=1", "evaluate.bootstrap=20"]
+SMOKE = preset_overrides("smoke")  # on top of --demo, which applies presets/demo.yaml
 
 
 def cxr(folder, *args, check=True, env=None):
-    done = subprocess.run([sys.executable, "-m", "stages", *args], cwd=folder, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "cli", *args], cwd=folder, capture_output=True, text=True,
                           timeout=900, env=env)
     if check:
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -202,8 +200,8 @@ def test_a_column_that_lost_dvcs_run_cache_race_is_told_from_one_that_failed():
     raced = ("Running stage 'filter':\n> python -m stages.filter\nfilter: kept 299 of 300 images\n"
              "ERROR: failed to reproduce 'filter': [Errno 2] No such file or directory: '/tmp/q/repo/.dvc/cache/runs/"
              "a9/a9ca8774d896c30c66662d9d1c9ec3769a16255e2d85c73e84ccfc2c3a31e4f4/.5JeA7oArAJtiNUWhntgpdg.tmp'\n")
-    own = ("Running stage 'check':\n> python -m stages check\nerror: params.yaml: model.pretrained = 'imagenet' is not "
-           "valid\nERROR: failed to reproduce 'check': failed to run: python -m stages check, exited with 2\n")
+    own = ("Running stage 'check':\n> python -m stages.check\nerror: params.yaml: model.pretrained = 'imagenet' is not "
+           "valid\nERROR: failed to reproduce 'check': failed to run: python -m stages.check, exited with 2\n")
     missing_data = "ERROR: failed to reproduce 'crop': [Errno 2] No such file or directory: 'data/raw/archives/x.tar.gz'\n"
     assert tables.lost_a_run_cache_race(raced)
     assert not tables.lost_a_run_cache_race(own) and not tables.lost_a_run_cache_race(missing_data)
@@ -234,7 +232,7 @@ def test_overrides_set_params_yaml_as_dvc_applies_them(tmp_path):
     assert "++resample.targets={Hernia:2500,No Finding:30000}" in items
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     apply_overrides(str(tmp_path / "params.yaml"), items)
-    assert load(tmp_path / "params.yaml") == P.apply(params, wanted)
+    assert load(tmp_path / "params.yaml") == apply(params, wanted)
 
 
 # ---------------------------------------------------------------- fidelity to the report and provenance
@@ -277,7 +275,7 @@ def test_columns_with_the_same_figures_in_the_report_are_declared_one_run():
 def test_a_column_declared_the_same_run_runs_the_same_params(table, column):
     other_table, other = column.reuses
     base = load(REPO / "params.yaml")
-    assert P.apply(base, tables.settings(table, column)) == P.apply(base, tables.settings(other_table, other))
+    assert apply(base, tables.settings(table, column)) == apply(base, tables.settings(other_table, other))
 
 
 def test_the_demo_shrinks_image_counts_even_where_a_column_sets_them():
@@ -294,11 +292,11 @@ def test_the_fifteen_label_dense_heads_have_no_dropout():
     no 15-label head in the report has one, the benchmark's (and the tables built on it) included."""
     base = load(REPO / "params.yaml")
     fifteen = [(t, c) for t, c in _columns() if not c.reference
-               and P.apply(base, tables.settings(t, c))["task"]["kind"] == "multilabel15"]
+               and apply(base, tables.settings(t, c))["task"]["kind"] == "multilabel15"]
     assert {t.name for t, _ in fifteen} >= {"model_selection_15", "head_15", "weights_15", "optimizer_15", "benchmark_15",
                                             "resampling_15", "class_weights_15", "findings_only_vs_15"}
     for table, column in fifteen:
-        assert P.apply(base, tables.settings(table, column))["model"]["head"]["dropout"] == 0.0, column.name
+        assert apply(base, tables.settings(table, column))["model"]["head"]["dropout"] == 0.0, column.name
 
 
 def test_where_the_catalog_sets_the_epochs_all_of_them_run():
@@ -307,7 +305,7 @@ def test_where_the_catalog_sets_the_epochs_all_of_them_run():
     stated = [(t, c) for t, c in _columns() if not c.reference and "train.epochs" in tables.settings(t, c)]
     assert len(stated) >= 20
     for table, column in stated:
-        assert P.apply(base, tables.settings(table, column))["train"]["early_stopping_patience"] is None, \
+        assert apply(base, tables.settings(table, column))["train"]["early_stopping_patience"] is None, \
             f"{table.name}/{column.name}"
 
 
@@ -323,7 +321,7 @@ def test_the_ten_percent_fourteen_label_runs_share_optimizer_epochs_and_head():
               "model.head.hidden": [256, 50], "model.head.dropout": 0.2, "split.fraction_of": "all"}
     runs = [(t, c) for t, c in _columns() if t.name in TEN_PERCENT_14 + ("preprocessing",) and not c.reference]
     for table, column in runs:
-        params = P.flatten(P.apply(base, tables.settings(table, column)))
+        params = flatten(apply(base, tables.settings(table, column)))
         if params["split.fraction"] != 0.1:
             continue  # preprocessing's 100% columns: the final model
         for key, value in shared.items():
@@ -337,7 +335,7 @@ def test_the_reports_preprocessing_pairs_differ_in_their_compared_setting_only(q
     claim = next(c for c in CATALOG["preprocessing"].claims if c.quote.startswith(quote_start))
     (table_a, a), (table_b, b) = claim.sides
     base = load(REPO / "params.yaml")
-    params_a, params_b = (P.flatten(P.apply(base, tables.settings(t, c))) for t, c in ((table_a, a), (table_b, b)))
+    params_a, params_b = (flatten(apply(base, tables.settings(t, c))) for t, c in ((table_a, a), (table_b, b)))
     assert {k for k in params_a.keys() | params_b.keys() if params_a.get(k) != params_b.get(k)} == compared
 
 
@@ -409,7 +407,7 @@ def test_the_column_this_repo_adds_is_marked_and_has_no_figures():
 def test_show_why_prints_each_columns_provenance(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    from stages.cli import app
+    from cli.app import app
 
     monkeypatch.setattr(tables, "CATALOG", REPO / "tables.yaml")
     monkeypatch.setattr(tables, "results", lambda table, existing: {c.name: [] for c in table.runnable})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxr14.params import load
+from cxr14.params import ParamError, load
 from cxr14.training import TrainState, score_of
 from stages import crop, train
 
@@ -75,7 +75,7 @@ def test_adam_then_sgd_switches_from_the_best_weights(pipeline, monkeypatch):
 def test_adam_then_sgd_switches_early_on_a_plateau(pipeline, monkeypatch):
     lines = []
     scores = iter([0.6, 0.5, 0.5, 0.5, 0.5])
-    monkeypatch.setattr(train.M, "auroc", lambda *a: {"per_label": {}, "micro": 0.5, "macro": next(scores)})
+    monkeypatch.setattr(train.metrics, "auroc", lambda *a: {"per_label": {}, "micro": 0.5, "macro": next(scores)})
     fit(pipeline, {"train": {"epochs": 5, "optimizer": "adam_then_sgd", "switch": {"epoch": 4, "patience": 2}}},
         log=lines.append)
     assert any("switched from Adam to SGD after epoch 3, from the weights of epoch 1" in line for line in lines)
@@ -104,7 +104,7 @@ def test_keras_class_weights_weigh_each_image_by_its_first_positive_label():
 
 
 def test_keras_weighting_is_refused_for_one_output():
-    with pytest.raises(train.P.ParamError) as caught:
+    with pytest.raises(ParamError) as caught:
         train.check(params_with({"task": {"kind": "binary"}, "train": {"class_weighting": "keras"}}))
     assert caught.value.key == "train.class_weighting"
 
@@ -147,7 +147,7 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(pipeline):
 
 
 def test_processes_must_match_the_launch(pipeline):
-    with pytest.raises(train.P.ParamError, match="train.processes = 2 .* torchrun"):
+    with pytest.raises(ParamError, match="train.processes = 2 .* torchrun"):
         fit(pipeline, {"train": {"processes": 2}})
 
 

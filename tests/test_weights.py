@@ -159,7 +159,7 @@ def test_training_loads_the_fetched_file_not_torchs_cache(tmp_path):
 def test_training_without_the_weights_stage_says_to_run_it(tmp_path):
     config = models.ModelConfig("densenet121", "imagenet", "replace_last", [], 0.0, None)
     with pytest.raises(ParamError) as caught:
-        models.create_model(config, 14, weights_dir=tmp_path)
+        models.create_model(config, 14, 64, weights_dir=tmp_path)
     assert "densenet121-a639ec97.pth" in caught.value.valid and "dvc repro weights" in caught.value.valid
 
 

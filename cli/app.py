@@ -1,5 +1,8 @@
 """`cxr`: one subcommand per pipeline stage (each reads params.yaml), plus the demo, tables and report.
 
+The layer above the stages (stages/) and the experiment tools (experiments/): it imports them, they never
+import it. `cxr X` is `python -m cli X`; `cxr <stage>` runs `python -m stages.<stage>`'s main as dvc.yaml does.
+
     cxr check    (every section of params.yaml, in seconds: dvc.yaml runs it before download)
     cxr download    cxr weights    cxr filter    cxr crop    cxr split    cxr resample    cxr train    cxr evaluate
     cxr localize    cxr demo    cxr table list|run|show    cxr report    cxr predict PATH...
@@ -10,20 +13,15 @@ from __future__ import annotations
 import typer
 
 from cxr14 import stage as stage_runner
-from cxr14.atomic import atomic_path
-from cxr14.params import PARAMS_FILE, ParamError, StageError, load
-
-# The check stage's output: the same bytes whatever the params, so that a check that passes again
-# never makes download (or anything after it) stale.
-CHECKED = "data/check/params.ok"
+from cxr14.params import PARAMS_FILE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0],
                   pretty_exceptions_enable=False)
 PARAMS = typer.Option(PARAMS_FILE, "--params", "-p", help="the params file to read")
 
 
-def _run(stage: str, params: str) -> None:
-    code = stage_runner.run(f"stages.{stage}", params)
+def _run(stage: str, params: str, lock: bool = True) -> None:
+    code = stage_runner.run(f"stages.{stage}", params, lock)
     if code:
         raise typer.Exit(code)
 
@@ -32,24 +30,7 @@ def _run(stage: str, params: str) -> None:
 def check(params: str = PARAMS) -> None:
     """Stage 0: every section of params.yaml by every stage's own rules, so a typo anywhere stops the
     pipeline in seconds, before a download or a crop of hours."""
-    from stages import crop, download, evaluate, filter, localize, resample, split, train, weights
-
-    try:
-        with stage_runner.params_unchanged("check", params):  # the first stage of a DVC run: the others compare
-            loaded = load(params)
-            for module in (download, weights, filter, crop, split, resample, train, evaluate, localize):
-                module.check(loaded)
-            wanted = weights.check(loaded)
-            if wanted.pretrained == "imagenet":  # can the weights stage get them? Say so now, not after a 45 GB download
-                weights.reachable(wanted)
-            with atomic_path(CHECKED) as tmp:
-                tmp.write_text("every section of params.yaml passed every stage's check\n")
-    except (ParamError, StageError, OSError) as error:
-        code = stage_runner.failure(error, "check", params)
-        if code is None:
-            raise
-        raise typer.Exit(code) from None
-    typer.echo(f"check: {params} passes every stage's check")
+    _run("check", params, lock=False)  # beside a running stage too: it reads params, writes one small file
 
 
 @app.command()
@@ -190,30 +171,30 @@ def predict(
     written (checked before any image is read)."""
     from pathlib import Path
 
-    from cxr14 import predict as P
+    from cxr14 import predict
 
     if device not in ("auto", "cpu", "cuda"):
         typer.secho(f"error: --device {device}: expected auto, cpu or cuda", fg="red", err=True)
         raise typer.Exit(2)
     for option, value, folder in (("--out", out, False), ("--heatmaps", heatmaps, True)):
-        if value and (why := P.cannot_write(value, folder)):  # before the model and the images, not after
+        if value and (why := predict.cannot_write(value, folder)):  # before the model and the images, not after
             typer.secho(f"error: {option} {value}: {why}", fg="red", err=True)
             raise typer.Exit(2)
     try:
-        predictor = P.load_model(model, device)
-    except P.PredictError as error:
+        predictor = predict.load_model(model, device)
+    except predict.PredictError as error:
         typer.secho(f"error: {error}", fg="red", err=True)
         raise typer.Exit(2) from None
-    files, problems = P.find_images(paths)
+    files, problems = predict.find_images(paths)
     for path, why in problems.items():
         typer.secho(f"error: {path}: {why}", fg="red", err=True)
     typer.echo(f"predict: {len(files)} file{'' if len(files) == 1 else 's'} with {predictor.source} "
                f"(center {predictor.fraction:g} -> {predictor.crop_size} px, network {predictor.input_size} px, "
                f"{predictor.runtime.device})")
-    results = P.predict(predictor, files, batch_size, Path(heatmaps) if heatmaps else None, top)
-    results += [P.Result(path, None, why) for path, why in problems.items()]
-    P.print_summary(results, predictor.names, predictor.source)
-    written = P.write(results, predictor.names, out)
+    results = predict.predict(predictor, files, batch_size, Path(heatmaps) if heatmaps else None, top)
+    results += [predict.Result(path, None, why) for path, why in problems.items()]
+    predict.print_summary(results, predictor.names, predictor.source)
+    written = predict.write(results, predictor.names, out)
     read = sum(r.error is None for r in results)
     typer.echo(f"written: {written} ({read} predicted, {len(results) - read} unreadable)"
                + (f"; heatmaps in {heatmaps}" if heatmaps and read else ""))
