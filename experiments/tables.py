@@ -31,6 +31,7 @@ import numpy as np
 import yaml
 
 from cxr14.atomic import atomic_path
+from cxr14.compare import DIRECTIONS
 from cxr14.labels import ALL_LABELS, FINDINGS
 from cxr14.params import apply, seed
 from cxr14.params import load as load_params
@@ -40,9 +41,7 @@ CATALOG = Path("tables.yaml")
 ROW_KINDS = ("loss", "micro", "macro", "labels", "binary", "counts", "images")
 BINARY_ROWS = ("threshold", "tn", "fp", "fn", "tp", "accuracy", "precision", "recall", "f1", "auroc")
 SAME_RUN = "same_run_as"
-# cxr14/compare.py's verdict's directions (a test keeps them equal): not imported, so that the check stage,
-# which loads this catalog, does not run the comparison code (dvc.yaml lists what each stage imports)
-CLAIM_DIRECTIONS = ("better", "worse", "similar")
+CLAIM_DIRECTIONS = DIRECTIONS  # what a claim may say of A against B: cxr14/compare.py's verdicts
 
 
 @dataclass
