@@ -209,19 +209,13 @@ def run_read_only(folder: Path, protect: str, command: list[str]) -> subprocess.
                           env=ENV, capture_output=True, text=True, timeout=120)
 
 
-def test_a_read_only_workspace_stops_a_stage_in_one_line(pipeline):
+@pytest.mark.parametrize("protect, path", [(".", "data/.stage.lock"), ("metrics", "metrics/filter.json")],
+                         ids=["read-only workspace", "read-only metrics folder"])
+def test_a_read_only_folder_stops_a_stage_in_one_line(pipeline, protect, path):
     params = write_params(pipeline)
-    done = run_read_only(pipeline, ".", [sys.executable, "-m", "stages.filter", "--params", params])
+    done = run_read_only(pipeline, protect, [sys.executable, "-m", "stages.filter", "--params", params])
     assert done.returncode == 1
-    assert done.stderr.splitlines() == ["error in stage filter: cannot write data/.stage.lock: Read-only file system; "
-                                        "make it writable and run again"]
-
-
-def test_a_read_only_metrics_folder_stops_a_stage_in_one_line(pipeline):
-    params = write_params(pipeline)
-    done = run_read_only(pipeline, "metrics", [sys.executable, "-m", "stages.filter", "--params", params])
-    assert done.returncode == 1
-    assert done.stderr.splitlines() == ["error in stage filter: cannot write metrics/filter.json: Read-only file system; "
+    assert done.stderr.splitlines() == [f"error in stage filter: cannot write {path}: Read-only file system; "
                                         "make it writable and run again"]
 
 
