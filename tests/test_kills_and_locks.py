@@ -240,20 +240,27 @@ def test_a_disk_full_after_the_array_is_one_line_naming_the_index(pipeline, monk
 
 # ---------------------------------------------------------------- params.yaml may not change under a DVC run
 
-def test_a_stage_stops_when_its_params_file_changes_while_it_runs(pipeline, monkeypatch, capsys):
+def filter_error_when(meanwhile, pipeline, monkeypatch, capsys) -> tuple[str, list[str]]:
+    """Run the filter stage through the runner with `meanwhile(params)` as its main: (params, stderr lines)."""
     from cxr14 import stage
     from stages import filter as filter_stage
 
     params = write_params(pipeline)
+    monkeypatch.setattr(filter_stage, "main", meanwhile)
+    assert stage.run("stages.filter", params) == 1
+    return params, capsys.readouterr().err.splitlines()
+
+
+def test_a_stage_stops_when_its_params_file_changes_while_it_runs(pipeline, monkeypatch, capsys):
+    from stages import filter as filter_stage
+
     real = filter_stage.main
 
     def meanwhile(path):
         real(path)
         write_params(pipeline, {"filter": {"views": ["PA"]}})  # as a second `dvc exp run -S` in this workspace does
 
-    monkeypatch.setattr(filter_stage, "main", meanwhile)
-    assert stage.run("stages.filter", params) == 1
-    lines = capsys.readouterr().err.splitlines()
+    params, lines = filter_error_when(meanwhile, pipeline, monkeypatch, capsys)
     assert len(lines) == 1 and lines[0].startswith(
         f'error in stage filter: {params} changed while the stage ran: filter.views was ["PA", "AP"] when it started '
         'and is now ["PA"]. Another `dvc exp run` or an edit in this workspace?')
@@ -262,18 +269,11 @@ def test_a_stage_stops_when_its_params_file_changes_while_it_runs(pipeline, monk
 
 def test_a_stage_that_fails_while_its_params_change_names_the_change_first(pipeline, monkeypatch, capsys):
     """A second `dvc exp run` also resets the workspace's outputs: the first run's stage fails on a file gone."""
-    from cxr14 import stage
-    from stages import filter as filter_stage
-
-    params = write_params(pipeline)
-
     def meanwhile(path):
         write_params(pipeline, {"filter": {"views": ["PA"]}})
         raise FileNotFoundError("data/raw/metadata.csv is gone")
 
-    monkeypatch.setattr(filter_stage, "main", meanwhile)
-    assert stage.run("stages.filter", params) == 1
-    lines = capsys.readouterr().err.splitlines()
+    params, lines = filter_error_when(meanwhile, pipeline, monkeypatch, capsys)
     assert len(lines) == 1 and lines[0].startswith(
         f'error in stage filter: {params} changed while the stage ran: filter.views was ["PA", "AP"] when it started '
         'and is now ["PA"] (and the stage failed: data/raw/metadata.csv is gone). Another `dvc exp run`')
